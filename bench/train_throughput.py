@@ -1,0 +1,326 @@
+"""Training throughput: our trainer vs hand-written JAX vs trax's own Loop.
+
+At each requested shape, trains three implementations of the same pre-norm
+GPT for a fixed number of steps on synthetic random token batches that are
+generated on the device beforehand (so input data is not measured):
+
+  ours         training.model.DecoderLM + training.trainer.make_train_step,
+               compute dtype from --dtype (float32 master weights).
+  handwritten  bench/handwritten_gpt.py, a pure-JAX GPT of the same shape and
+               matmul FLOPs, with a hand-written Adam, one jitted step.
+  trax_loop    trax.models.TransformerLM trained by trax.supervised.training.Loop
+               (float32 only: trax has no mixed precision).
+
+Timing: compile plus --warmup untimed steps, then --repeats timed blocks of
+--steps steps, each ended by one `jax.block_until_ready`; the median block
+gives the step time.  trax_loop times one block of --trax_steps after
+`loop.run(1)` twice.  tokens/s = batch * seq / step time.  All three use the
+same FLOP count, 6 * matmul params (head included, embeddings and positions
+excluded) + 6 * n_layers * d_model * seq per token, and MFU divides by the
+device's dense bf16 peak (`trainer.device_peak_flops`), '-' when unknown.
+
+Usage:
+  PYTHONPATH=. python bench/train_throughput.py --shapes tiny --steps 20 \
+      --trax_steps 3 --append_to /tmp/bench.md
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import shlex
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+from jax import numpy as jnp
+
+try:
+  from bench import handwritten_gpt as H
+except ImportError:  # run as a script from inside bench/
+  import handwritten_gpt as H  # pylint: disable=g-import-not-at-top
+
+SHAPES = {
+    'tiny': dict(vocab=256, d_model=128, n_layers=2, n_heads=4, d_ff=512,
+                 seq=128, batch=8),
+    '52m': dict(vocab=32000, d_model=512, n_layers=6, n_heads=8, d_ff=2048,
+                seq=1024, batch=16),
+    '110m': dict(vocab=32000, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
+                 seq=1024, batch=16),
+    '335m': dict(vocab=32000, d_model=1024, n_layers=24, n_heads=16, d_ff=4096,
+                 seq=1024, batch=16),
+}
+IMPLS = ('ours', 'handwritten', 'trax_loop')
+N_DATA_BATCHES = 4   # distinct batches cycled through
+LR = 3e-4
+
+
+def flops_per_token(cfg):
+  n = H.matmul_params(cfg['vocab'], cfg['d_model'], cfg['d_ff'], cfg['n_layers'])
+  return 6 * n + 6 * cfg['n_layers'] * cfg['d_model'] * cfg['seq']
+
+
+def make_batches(cfg, seed):
+  """N_DATA_BATCHES device batches (inputs, targets, weights) of random ids."""
+  key = jax.random.PRNGKey(seed)
+  out = []
+  for k in jax.random.split(key, N_DATA_BATCHES):
+    ids = jax.random.randint(k, (cfg['batch'], cfg['seq'] + 1), 0, cfg['vocab'],
+                             dtype=jnp.int32)
+    out.append((ids[:, :-1], ids[:, 1:],
+                jnp.ones((cfg['batch'], cfg['seq']), jnp.float32)))
+  return jax.block_until_ready(out)
+
+
+def time_blocks(run, args):
+  """run(n) runs n steps and returns arrays to wait on; returns block times."""
+  jax.block_until_ready(run(args.warmup))   # compile + warm-up, untimed
+  times = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(args.steps))
+    times.append(time.perf_counter() - t0)
+  return times, args.steps
+
+
+def bench_ours(cfg, args, batches, dtype):
+  import trax  # pylint: disable=g-import-not-at-top
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from training import model as M  # pylint: disable=g-import-not-at-top
+  from training import trainer as T  # pylint: disable=g-import-not-at-top
+  m = M.DecoderLM(cfg['vocab'], d_model=cfg['d_model'], d_ff=cfg['d_ff'],
+                  n_layers=cfg['n_layers'], n_heads=cfg['n_heads'],
+                  max_len=cfg['seq'], activation=tl.Gelu)
+  opt = trax.optimizers.Adam(learning_rate=1e-4)
+  ts = T.init_train_state(m, opt, (cfg['batch'], cfg['seq']), args.seed)
+  theirs = T.train_flops_per_token(m, cfg['seq'])
+  if theirs != flops_per_token(cfg):
+    print(f'WARNING: trainer.train_flops_per_token = {theirs}, bench formula '
+          f'= {flops_per_token(cfg)}', file=sys.stderr)
+  n_params = T.count_params(ts.weights)
+  step = T.make_train_step(m, opt, lambda s: LR, compute_dtype=dtype)
+  rng = jax.random.PRNGKey(args.seed + 1)
+  holder = {'ts': ts, 'i': 0}
+  del ts
+
+  def run(n):
+    metrics = None
+    for _ in range(n):
+      i = holder['i']
+      holder['ts'], metrics = step(holder['ts'], i, batches[i % len(batches)],
+                                   rng, 0.0)
+      holder['i'] = i + 1
+    return holder['ts'], metrics
+
+  times, n = time_blocks(run, args)
+  loss = float(run(1)[1]['loss'])
+  return dict(times=times, steps=n, params=n_params, loss=loss)
+
+
+def bench_handwritten(cfg, args, batches, dtype):
+  params = H.init_params(jax.random.PRNGKey(args.seed), cfg['vocab'],
+                         cfg['d_model'], cfg['d_ff'], cfg['n_layers'],
+                         cfg['seq'])
+  n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
+  step = H.make_train_step(cfg['n_heads'], compute_dtype=dtype, lr=LR)
+  holder = {'state': H.init_state(params), 'i': 0}
+  del params
+
+  def run(n):
+    loss = None
+    for _ in range(n):
+      i = holder['i']
+      holder['state'], loss = step(holder['state'], i,
+                                   batches[i % len(batches)])
+      holder['i'] = i + 1
+    return holder['state'], loss
+
+  times, n = time_blocks(run, args)
+  loss = float(run(1)[1])
+  return dict(times=times, steps=n, params=n_params, loss=loss)
+
+
+def bench_trax_loop(cfg, args, batches, dtype):
+  """trax's TransformerLM + Loop, float32; `dtype` is ignored."""
+  del dtype
+  import trax  # pylint: disable=g-import-not-at-top
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from trax.supervised import training  # pylint: disable=g-import-not-at-top
+  model = trax.models.TransformerLM(
+      cfg['vocab'], d_model=cfg['d_model'], d_ff=cfg['d_ff'],
+      n_layers=cfg['n_layers'], n_heads=cfg['n_heads'], max_len=cfg['seq'],
+      dropout=0.0, ff_activation=tl.Gelu, mode='train')
+
+  def stream():  # TransformerLM shifts its inputs right: (x, x, w).
+    i = 0
+    while True:
+      inputs, _, weights = batches[i % len(batches)]
+      yield inputs, inputs, weights
+      i += 1
+
+  never = lambda step: False
+  task = training.TrainTask(
+      stream(), tl.WeightedCategoryCrossEntropy(),
+      trax.optimizers.Adam(learning_rate=1e-4),
+      lr_schedule=lambda step: LR, n_steps_per_checkpoint=10**9,
+      n_steps_per_permanent_checkpoint=10**9)
+  # output_dir=None: no checkpoints, summaries or data counters written (and
+  # no tf.io.gfile calls); eval is off without eval tasks.
+  loop = training.Loop(model, task, output_dir=None, checkpoint_at=never,
+                       permanent_checkpoint_at=never, eval_at=never,
+                       n_devices=1, random_seed=args.seed)
+  n_params = sum(w.size for w in jax.tree_util.tree_leaves(model.weights))
+  trainer = loop._trainer_per_task[0]  # pylint: disable=protected-access
+
+  def sync():
+    jax.block_until_ready(
+        trainer._accelerated_model_with_loss.weights)  # pylint: disable=protected-access
+
+  loop.run(1)   # compile
+  loop.run(1)
+  sync()
+  t0 = time.perf_counter()
+  loop.run(args.trax_steps)
+  sync()
+  times = [time.perf_counter() - t0]
+  return dict(times=times, steps=args.trax_steps, params=n_params, loss=None)
+
+
+BENCH = {'ours': bench_ours, 'handwritten': bench_handwritten,
+         'trax_loop': bench_trax_loop}
+
+
+def run_shape(name, args, dtype, peak):
+  cfg = SHAPES[name]
+  batches = make_batches(cfg, args.seed)
+  fpt = flops_per_token(cfg)
+  rows = []
+  for impl in args.impls:
+    if impl == 'trax_loop' and args.trax_steps <= 0:
+      continue
+    impl_dtype = 'float32' if impl == 'trax_loop' else args.dtype
+    row = dict(shape=name, impl=impl, dtype=impl_dtype, batch=cfg['batch'],
+               seq=cfg['seq'], flops_per_token=fpt)
+    print(f'[{name}] {impl} ({impl_dtype}) ...', file=sys.stderr, flush=True)
+    try:
+      res = BENCH[impl](cfg, args, batches, dtype)
+      step_s = statistics.median(res['times']) / res['steps']
+      tps = cfg['batch'] * cfg['seq'] / step_s
+      row.update(params=int(res['params']), steps=res['steps'],
+                 block_times_s=res['times'], step_time_s=step_s,
+                 tokens_per_s=tps, loss=res['loss'],
+                 mfu=fpt * tps / peak if peak else None)
+      print(f'[{name}] {impl}: {step_s * 1e3:.2f} ms/step, {tps:,.0f} tok/s, '
+            f'loss {res["loss"]}', file=sys.stderr, flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      row['error'] = f'{type(e).__name__}: {e}'.splitlines()[0][:200]
+    rows.append(row)
+    gc.collect()
+  base = {r['impl']: r.get('step_time_s') for r in rows}
+  for r in rows:
+    if r.get('step_time_s') and base.get('handwritten'):
+      r['vs_handwritten'] = r['step_time_s'] / base['handwritten']
+  return rows
+
+
+def _fmt(x, spec, none='-'):
+  return none if x is None else format(x, spec)
+
+
+def markdown(rows, header):
+  lines = [header, '',
+           '| shape | impl | dtype | params | batch x seq | ms/step | tokens/s '
+           '| MFU | step vs handwritten |',
+           '|---|---|---|---:|---|---:|---:|---:|---:|']
+  for r in rows:
+    if 'error' in r:
+      lines.append(f"| {r['shape']} | {r['impl']} | {r['dtype']} | - | "
+                   f"{r['batch']}x{r['seq']} | - | - | - | "
+                   f"error: {r['error'].replace('|', '/')} |")
+      continue
+    mfu = '-' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"
+    lines.append(
+        f"| {r['shape']} | {r['impl']} | {r['dtype']} | "
+        f"{r['params'] / 1e6:.2f}M | {r['batch']}x{r['seq']} | "
+        f"{r['step_time_s'] * 1e3:.2f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+        f"{_fmt(r.get('vs_handwritten'), '.2f')}x |")
+  return '\n'.join(lines) + '\n'
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--shapes', default='tiny',
+                 help='comma list of ' + ', '.join(SHAPES))
+  p.add_argument('--steps', type=int, default=20, help='timed steps per block')
+  p.add_argument('--warmup', type=int, default=3,
+                 help='untimed steps after compiling')
+  p.add_argument('--repeats', type=int, default=3,
+                 help='timed blocks; the median is reported')
+  p.add_argument('--trax_steps', type=int, default=3,
+                 help='timed trax Loop steps; 0 skips trax_loop')
+  p.add_argument('--impls', default=','.join(IMPLS))
+  p.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'))
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--append_to', default='BENCHMARKS.md',
+                 help="Markdown file to append the table to; '' for none")
+  p.add_argument('--out_json', default=None)
+  args = p.parse_args(argv)
+  args.shapes = [s for s in args.shapes.split(',') if s]
+  args.impls = [s for s in args.impls.split(',') if s]
+  for s in args.shapes:
+    if s not in SHAPES:
+      p.error(f'unknown shape {s!r}; choose from {", ".join(SHAPES)}')
+  for s in args.impls:
+    if s not in IMPLS:
+      p.error(f'unknown impl {s!r}; choose from {", ".join(IMPLS)}')
+  if args.steps < 1 or args.repeats < 1 or args.warmup < 1:
+    p.error('--steps, --repeats and --warmup must be >= 1')
+  return args
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  from training import trainer as T  # pylint: disable=g-import-not-at-top
+  dtype = jnp.dtype(args.dtype)
+  device = jax.devices()[0]
+  peak = T.device_peak_flops(device)
+  rows = []
+  for name in args.shapes:
+    rows.extend(run_shape(name, args, dtype, peak))
+
+  command = 'PYTHONPATH=. python ' + ' '.join(
+      shlex.quote(a) for a in [sys.argv[0]] + (sys.argv[1:] if argv is None
+                                               else list(argv)))
+  when = datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
+  peak_s = f'{peak / 1e12:.1f} TFLOP/s bf16 peak' if peak else 'peak unknown'
+  header = (f'### Training throughput: {device.device_kind} '
+            f'({device.platform}, {jax.device_count()} device(s), {peak_s}), '
+            f'jax {jax.__version__}, {when}\n\n`{command}`\n\n'
+            f'{args.steps} timed steps x {args.repeats} repeats (median); '
+            f'trax_loop: {args.trax_steps} steps, float32. FLOPs/token = '
+            '6 x matmul params + 6 x layers x d_model x seq for all rows.')
+  table = markdown(rows, header)
+  lines = []
+  for name in args.shapes:
+    t = {r['impl']: r.get('step_time_s') for r in rows if r['shape'] == name}
+    if t.get('ours') and t.get('handwritten'):
+      lines.append(f'{name}: ours / handwritten step time = '
+                   f"{t['ours'] / t['handwritten']:.3f}x")
+  if lines:
+    table += '\n' + '\n'.join(lines) + '\n'
+
+  if args.out_json:
+    with open(args.out_json, 'w') as f:
+      json.dump(dict(device=device.device_kind, jax=jax.__version__,
+                     date=when, command=command, rows=rows), f, indent=1)
+  if args.append_to:
+    with open(args.append_to, 'a') as f:
+      f.write('\n' + table)
+  print(table, flush=True)
+
+
+if __name__ == '__main__':
+  main()

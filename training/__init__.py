@@ -1,0 +1,1 @@
+"""Training package: data, model and trainer modules."""

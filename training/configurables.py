@@ -1,0 +1,14 @@
+"""Imports everything gin files may name, so that bindings resolve.
+
+trax registers its layers (`trax.layers.Relu`), optimizers
+(`trax.optimizers.Adam`) and schedules (`multifactor`) with gin on import;
+this project's configurables live in `training.model` and `training.run`.
+"""
+
+# pylint: disable=unused-import
+import trax.layers
+import trax.optimizers
+import trax.supervised.lr_schedules
+
+import training.model
+import training.run

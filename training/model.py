@@ -1,0 +1,186 @@
+"""The baseline decoder-only Transformer LM, built from Trax combinators.
+
+Every later variant (Terraformer, Primer, Feedback) is measured against this
+model.  It is a pre-norm GPT-style stack:
+
+    ids (batch, length) int32
+      -> Embedding + sinusoidal-initialised learned positions
+      -> n_layers x [ x + Attention(Norm(x)) ; x + FeedForward(Norm(x)) ]
+      -> Norm -> Dense(vocab)
+      -> logits (batch, length, vocab)
+
+Attention calls `jax.nn.dot_product_attention`, which runs cuDNN's fused
+(flash) kernel on a GPU when computing in bfloat16/float16, and XLA elsewhere.
+In 'predict' mode the attention keeps a key/value cache in its layer state, so
+decoding one token at a time gives the same logits as 'eval' mode on the whole
+sequence.
+
+Mixed precision is the trainer's job: it casts float32 master weights to the
+compute dtype before calling the model, so everything here computes in the
+dtype of the weights it is given; norms and softmax statistics run in float32.
+"""
+
+import gin
+import jax
+from jax import numpy as jnp
+from trax import layers as tl
+from trax.layers import base
+
+MODES = ('train', 'eval', 'predict')
+
+
+class LayerNorm(tl.LayerNorm):
+  """trax's LayerNorm, computed in float32 whatever the input dtype.
+
+  (batch, length, d) -> (batch, length, d), same dtype as the input.  Same
+  weights (scale, bias) as `tl.LayerNorm`, so trax weights load unchanged.
+  """
+
+  def forward(self, x):
+    scale, bias = self.weights
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self._epsilon)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _attention_implementation(dtype):
+  """cuDNN flash attention where it applies (GPU, 16-bit), else XLA."""
+  if jax.default_backend() == 'gpu' and dtype in (jnp.bfloat16, jnp.float16):
+    return 'cudnn'
+  return 'xla'
+
+
+class CausalDotProductAttention(base.Layer):
+  """Multi-head causal attention over packed q, k, v; no weights.
+
+  (batch, length, 3 * d) -> (batch, length, d), heads of d // n_heads.
+  In 'predict' mode the state is a key/value cache of `max_len` positions and
+  the index of the next position; each call appends its `length` positions.
+  """
+
+  def __init__(self, n_heads, max_len=2048, mode='train'):
+    super().__init__(name=f'CausalDotProductAttention_h{n_heads}')
+    self._n_heads = n_heads
+    self._max_len = max_len
+    self._mode = mode
+    self._d_attn = None
+
+  @property
+  def d_attn(self):
+    """heads * head width, known once the layer is initialised."""
+    return self._d_attn
+
+  def _split(self, x):
+    b, t, d3 = x.shape
+    h = self._n_heads
+    return x.reshape(b, t, 3, h, d3 // (3 * h))
+
+  def forward(self, qkv):
+    b, t, _ = qkv.shape
+    qkv = self._split(qkv)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (b, t, h, dh)
+    if self._mode != 'predict':
+      out = jax.nn.dot_product_attention(
+          q, k, v, is_causal=True,
+          implementation=_attention_implementation(q.dtype))
+    else:
+      k_cache, v_cache, pos = self.state
+      k_cache = jax.lax.dynamic_update_slice_in_dim(
+          k_cache, k.astype(k_cache.dtype), pos, axis=1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(
+          v_cache, v.astype(v_cache.dtype), pos, axis=1)
+      query_pos = pos + jnp.arange(t)[:, None]
+      mask = jnp.arange(self._max_len)[None, :] <= query_pos  # (t, max_len)
+      out = jax.nn.dot_product_attention(
+          q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+          mask=mask[None, None], implementation='xla')
+      self.state = (k_cache, v_cache, pos + t)
+    return out.reshape(b, t, -1)
+
+  def init_weights_and_state(self, input_signature):
+    self._d_attn = input_signature.shape[-1] // 3  # read by FLOP counting
+    if self._mode == 'predict':
+      b, _, d3 = input_signature.shape
+      h = self._n_heads
+      shape = (b, self._max_len, h, d3 // (3 * h))
+      self.state = (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32),
+                    jnp.zeros((), jnp.int32))
+
+
+def CausalSelfAttention(d_model, n_heads, max_len=2048, mode='train'):
+  """Fused QKV projection, causal attention, output projection.
+
+  (batch, length, d_model) -> (batch, length, d_model).
+  """
+  if d_model % n_heads:
+    raise ValueError(f'd_model ({d_model}) must be a multiple of n_heads '
+                     f'({n_heads}); change one of them.')
+  return tl.Serial(
+      tl.Dense(3 * d_model),
+      CausalDotProductAttention(n_heads, max_len=max_len, mode=mode),
+      tl.Dense(d_model),
+  )
+
+
+def FeedForward(d_model, d_ff, activation=tl.Gelu, dropout=0.0, mode='train'):
+  """Dense(d_ff) -> activation -> Dense(d_model).
+
+  (batch, length, d_model) -> (batch, length, d_model).
+  """
+  return tl.Serial(
+      tl.Dense(d_ff),
+      activation(),
+      tl.Dropout(rate=dropout, mode=mode),
+      tl.Dense(d_model),
+  )
+
+
+def DecoderBlock(d_model, d_ff, n_heads, dropout=0.0, max_len=2048,
+                 activation=tl.Gelu, mode='train'):
+  """Pre-norm attention and feed-forward residual blocks.
+
+  (batch, length, d_model) -> (batch, length, d_model).
+  """
+  return [
+      tl.Residual(
+          LayerNorm(),
+          CausalSelfAttention(d_model, n_heads, max_len=max_len, mode=mode),
+          tl.Dropout(rate=dropout, mode=mode)),
+      tl.Residual(
+          LayerNorm(),
+          FeedForward(d_model, d_ff, activation, dropout, mode),
+          tl.Dropout(rate=dropout, mode=mode)),
+  ]
+
+
+@gin.configurable(module='training')
+def DecoderLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
+              max_len=2048, dropout=0.0, activation=tl.Gelu, mode='train'):
+  """The baseline decoder-only Transformer language model.
+
+  Args:
+    vocab_size: number of token ids; inputs are in [0, vocab_size).
+    d_model: width of the residual stream.
+    d_ff: width of the feed-forward hidden layer.
+    n_layers: number of decoder blocks.
+    n_heads: attention heads; must divide d_model.
+    max_len: longest sequence (positions, and the predict-mode cache).
+    dropout: residual and feed-forward dropout rate in 'train' mode.
+    activation: feed-forward activation layer class (e.g. `tl.Gelu`, `tl.Relu`).
+    mode: 'train', 'eval' or 'predict'.
+
+  Returns:
+    A layer (batch, length) int32 -> (batch, length, vocab_size) logits.
+  """
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, not {mode!r}.')
+  return tl.Serial(
+      tl.Embedding(vocab_size, d_model),
+      tl.PositionalEncoding(max_len=max_len, mode=mode),
+      [DecoderBlock(d_model, d_ff, n_heads, dropout, max_len, activation, mode)
+       for _ in range(n_layers)],
+      LayerNorm(),
+      tl.Dense(vocab_size),
+  )

@@ -1,0 +1,269 @@
+"""One training run: data -> model -> jitted steps -> metrics and checkpoints.
+
+`train(run_dir, ...)` is what `train.py` calls after parsing flags and gin.  It
+resumes from the newest checkpoint in `run_dir`, evaluates every `eval_every`
+steps, logs every `log_every` steps, checkpoints every `checkpoint_every`
+steps and at the end, and finishes with a sample of generated text.
+
+Determinism: the batch, the dropout key and the learning rate of step s
+depend only on (seed, s), and the optimizer state is checkpointed, so a run
+resumed from a checkpoint computes exactly the losses an uninterrupted run
+would (on the same machine and software).
+"""
+
+import json
+import math
+import os
+import queue
+import threading
+import time
+
+import gin
+import jax
+from jax import numpy as jnp
+import numpy as np
+
+from trax import shapes
+
+from training import checkpoint as ckpt_lib
+from training import data as data_lib
+from training import metrics as metrics_lib
+from training import model as model_lib
+from training import sampling
+from training import trainer as trainer_lib
+
+DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+class UserError(Exception):
+  """A problem the user can fix; the message says what and how."""
+
+
+def _default_optimizer():
+  from trax import optimizers  # pylint: disable=g-import-not-at-top
+  return optimizers.Adam(learning_rate=1e-3, weight_decay_rate=0.0)
+
+
+def _default_schedule():
+  from trax.supervised import lr_schedules  # pylint: disable=g-import-not-at-top
+  return lr_schedules.multifactor(
+      factors='constant * linear_warmup', constant=1e-3, warmup_steps=100)
+
+
+def _prefetch(iterator, size=2):
+  """Runs `iterator` in a background thread, `size` items ahead."""
+  q = queue.Queue(maxsize=size)
+  sentinel = object()
+
+  def work():
+    try:
+      for item in iterator:
+        q.put(item)
+    except Exception as e:  # pylint: disable=broad-except
+      q.put(e)
+    q.put(sentinel)
+
+  threading.Thread(target=work, daemon=True).start()
+  while True:
+    item = q.get()
+    if item is sentinel:
+      return
+    if isinstance(item, Exception):
+      raise item
+    yield item
+
+
+def _check_finite(value, step, run_dir):
+  if not math.isfinite(value):
+    last = ckpt_lib.latest(run_dir)
+    kept = f'the newest checkpoint ({last}) is kept' if last else 'no checkpoint was written'
+    raise UserError(
+        f'The training loss became {value} at step {step}; {kept}. Lower the '
+        'learning rate (e.g. --gin_param="multifactor.constant=3e-4"), clip '
+        'gradients (--gin_param="train.clip_grad_norm=1.0") or compute in '
+        'float32.')
+
+
+def _make_dataset(dataset, tokenizer, vocab_file, data_dir, seq_len, batch_size,
+                  seed, run_dir):
+  try:
+    return data_lib.make_dataset(
+        dataset, seq_len=seq_len, batch_size=batch_size, seed=seed,
+        tokenizer=tokenizer, vocab_file=vocab_file, data_dir=data_dir,
+        cache_dir=os.path.join(run_dir, 'vocab'))
+  except (ValueError, FileNotFoundError, OSError) as e:
+    raise UserError(str(e)) from None
+
+
+def _bytes_per_token(ds, eval_batches):
+  """Average UTF-8 bytes per token on the eval data (1.0 for byte-level)."""
+  if isinstance(ds.tokenizer, data_lib.ByteTokenizer):
+    return 1.0
+  ids = np.concatenate([b[1].reshape(-1) for b in eval_batches[:4]])
+  return len(ds.tokenizer.decode(ids).encode('utf-8')) / max(len(ids), 1)
+
+
+@gin.configurable(module='training', denylist=['run_dir'])
+def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
+          lr_schedule=None, clip_grad_norm=None, batch_size=16, seq_len=256,
+          dataset='python_docs', tokenizer='byte', vocab_file=None,
+          data_dir=None, seed=0, compute_dtype='float32', log_every=50,
+          eval_every=500, eval_batches=8, checkpoint_every=500,
+          keep_checkpoints=3, tensorboard=True, sample_prompt='The ',
+          sample_length=200, sample_temperature=0.8):
+  """Trains `model` on `dataset` in `run_dir`, resuming if it holds checkpoints.
+
+  Args:
+    run_dir: folder for checkpoints, metrics.jsonl, TensorBoard and samples.
+    steps: total training steps (a resumed run continues up to this).
+    model: function (vocab_size=, mode=) -> Trax layer mapping (batch, length)
+      int32 ids to (batch, length, vocab) logits.
+    optimizer: a trax optimizer instance (default Adam, lr from the schedule).
+    lr_schedule: function step -> learning rate (default: trax multifactor,
+      1e-3 with 100 warm-up steps).
+    clip_grad_norm: clip the global gradient norm to this (None: no clipping).
+    batch_size, seq_len: batch shape in tokens.
+    dataset, tokenizer, vocab_file, data_dir: see `training.data.make_dataset`.
+    seed: seeds initialisation, data order, dropout and sampling.
+    compute_dtype: 'float32', 'bfloat16' or 'float16' (weights stay float32).
+    log_every, eval_every, checkpoint_every: intervals in steps (0 disables
+      eval / intermediate checkpoints; a checkpoint is always written at the end).
+    eval_batches: batches of held-out data per evaluation.
+    keep_checkpoints: how many of the newest checkpoints to keep.
+    tensorboard: also write TensorBoard event files.
+    sample_prompt, sample_length, sample_temperature: the text generated at
+      the end (sample_length 0 skips it).
+
+  Returns:
+    dict with the final 'step', last train 'loss', last 'eval_loss' (or None),
+    'checkpoint' path and generated 'sample' text.
+  """
+  if compute_dtype not in DTYPES:
+    raise UserError(f'compute_dtype {compute_dtype!r} is not one of '
+                    f'{sorted(DTYPES)}; pick one of those.')
+  for name, value in (('steps', steps), ('batch_size', batch_size),
+                      ('seq_len', seq_len), ('log_every', log_every)):
+    if value <= 0:
+      raise UserError(f'{name} must be positive, not {value}.')
+  dtype = DTYPES[compute_dtype]
+  os.makedirs(run_dir, exist_ok=True)
+  ds = _make_dataset(dataset, tokenizer, vocab_file, data_dir, seq_len,
+                     batch_size, seed, run_dir)
+  print(f'data: {ds.description}', flush=True)
+
+  optimizer = optimizer or _default_optimizer()
+  lr_schedule = lr_schedule or _default_schedule()
+  train_model = model(vocab_size=ds.vocab_size, mode='train')
+  eval_model = model(vocab_size=ds.vocab_size, mode='eval')
+  state = trainer_lib.init_train_state(train_model, optimizer,
+                                       (batch_size, seq_len), seed)
+  eval_model.init(shapes.ShapeDtype((batch_size, seq_len), np.int32))
+  n_params = trainer_lib.count_params(state.weights)
+  flops_per_token = trainer_lib.train_flops_per_token(train_model, seq_len)
+  peak = trainer_lib.device_peak_flops()
+
+  start = 0
+  last = ckpt_lib.latest(run_dir)
+  if last:
+    try:
+      trees, meta = ckpt_lib.restore(
+          last, {'weights': state.weights, 'slots': state.slots})
+    except ckpt_lib.CheckpointError as e:
+      raise UserError(str(e)) from None
+    state = trainer_lib.TrainState(trees['weights'], trees['slots'], state.state)
+    start = meta['step']
+    print(f'resumed from {last} at step {start}', flush=True)
+  state = jax.device_put(state)
+  print(f'model: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs '
+        f'per token (train), device {jax.devices()[0].device_kind}, compute '
+        f'{compute_dtype}', flush=True)
+
+  train_step = trainer_lib.make_train_step(
+      train_model, optimizer, lr_schedule, dtype, clip_grad_norm)
+  eval_step = trainer_lib.make_eval_step(eval_model, dtype)
+  host_lr = not trainer_lib.schedule_is_traceable(lr_schedule)
+  held_out = ds.eval_batches(eval_batches) if eval_every or steps else []
+  bytes_per_token = _bytes_per_token(ds, held_out) if held_out else 1.0
+  writer = metrics_lib.MetricsWriter(run_dir, tensorboard=tensorboard)
+  config_text = gin.config_str()
+  with open(os.path.join(run_dir, 'config.gin'), 'w') as f:
+    f.write(config_text)
+
+  def evaluate(step):
+    sums = np.zeros(3)
+    for batch in held_out:
+      sums += np.array(jax.device_get(eval_step(state.weights, state.state, batch)))
+    loss = sums[0] / max(sums[1], 1.0)
+    writer.write('eval', step, {
+        'loss': loss, 'accuracy': sums[2] / max(sums[1], 1.0),
+        'bits_per_byte': trainer_lib.bits(loss) / bytes_per_token})
+    return loss
+
+  def save(step, last_loss):
+    _check_finite(last_loss, step, run_dir)
+    return ckpt_lib.save(
+        run_dir, step, {'weights': state.weights, 'slots': state.slots},
+        metadata={'n_params': n_params, 'dataset': dataset,
+                  'vocab_size': ds.vocab_size, 'gin_config': config_text},
+        keep=keep_checkpoints)
+
+  key = jax.random.PRNGKey(seed)
+  pending, loss, eval_loss, path = [], float('nan'), None, last
+  tick, tick_step = time.time(), start
+  for step, batch in zip(range(start, steps), _prefetch(ds.batches(start))):
+    lr = trainer_lib.host_learning_rate(lr_schedule, step) if host_lr else 0.0
+    state, step_metrics = train_step(state, step, batch,
+                                     jax.random.fold_in(key, step), lr)
+    pending.append(step_metrics)
+    done = step + 1
+    if done % log_every == 0 or done == steps:
+      fetched = jax.device_get(pending)
+      pending = []
+      elapsed = time.time() - tick
+      tokens_per_s = (done - tick_step) * batch_size * seq_len / elapsed
+      tick, tick_step = time.time(), done
+      losses = [float(m['loss']) for m in fetched]
+      loss = float(np.mean(losses))
+      for value in losses:
+        _check_finite(value, done, run_dir)
+      values = {'loss': loss, 'bits_per_byte': trainer_lib.bits(loss) / bytes_per_token,
+                'accuracy': float(np.mean([m['accuracy'] for m in fetched])),
+                'learning_rate': float(fetched[-1]['learning_rate']),
+                'gradients_l2': float(fetched[-1]['gradients_l2']),
+                'tokens_per_s': tokens_per_s}
+      if peak:
+        values['mfu'] = flops_per_token * tokens_per_s / peak
+      writer.write('train', done, values)
+    if eval_every and done % eval_every == 0:
+      eval_loss = evaluate(done)
+    if (checkpoint_every and done % checkpoint_every == 0) or done == steps:
+      if pending:  # make sure the loss is finite before saving
+        loss = float(jax.device_get(pending[-1]['loss']))
+      path = save(done, loss)
+      print(f'checkpoint: {path}', flush=True)
+  if eval_every and steps % eval_every and start < steps:
+    eval_loss = evaluate(steps)
+  writer.close()
+
+  sample = ''
+  if sample_length > 0:
+    sample = generate_text(model, ds.tokenizer, ds.vocab_size, state.weights,
+                           sample_prompt, sample_length, sample_temperature,
+                           seed, dtype)
+    with open(os.path.join(run_dir, 'samples.txt'), 'a') as f:
+      f.write(json.dumps({'step': steps, 'prompt': sample_prompt,
+                          'text': sample}) + '\n')
+    print(f'sample: {sample_prompt}{sample}', flush=True)
+  return {'step': max(start, steps), 'loss': loss, 'eval_loss': eval_loss,
+          'checkpoint': path, 'sample': sample}
+
+
+def generate_text(model, tokenizer, vocab_size, weights, prompt, length,
+                  temperature=0.8, seed=0, compute_dtype=None, top_k=None):
+  """Continues the text `prompt` by `length` tokens; returns the new text."""
+  sampler = sampling.Sampler(model(vocab_size=vocab_size, mode='predict'),
+                             batch_size=1, compute_dtype=compute_dtype)
+  ids = tokenizer.encode(prompt)[None, :]
+  out = sampler.generate(weights, ids, length, temperature=temperature,
+                         top_k=top_k, seed=seed)
+  return tokenizer.decode(out[0])

@@ -1,0 +1,211 @@
+"""The jitted training and evaluation steps over a Trax model's pure function.
+
+One `jax.jit` holds the forward pass, the loss, the backward pass and the
+optimizer update (a trax optimizer's `tree_update`), with the training state
+donated so that weights and optimizer slots are updated in place.
+
+Mixed precision: weights and optimizer slots stay float32 ("master weights");
+inside the step they are cast to `compute_dtype` (e.g. bfloat16) before the
+model runs, so the matmuls run in that dtype while gradients arrive in float32
+through the cast.  The loss is computed in float32.
+"""
+
+import collections
+import math
+
+import jax
+from jax import numpy as jnp
+import numpy as np
+
+TrainState = collections.namedtuple('TrainState', 'weights slots state')
+"""weights: the model's weight tree (float32); slots: the optimizer's slots;
+state: the model's non-trainable state tree."""
+
+
+def cast_floats(tree, dtype):
+  """Casts every floating-point leaf of `tree` to `dtype`; other leaves pass."""
+  if dtype is None:
+    return tree
+  def cast(x):
+    if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype)
+    return x
+  return jax.tree_util.tree_map(cast, tree)
+
+
+def cross_entropy(logits, targets, weights):
+  """Weighted token cross-entropy, summed.
+
+  Args:
+    logits: (batch, length, vocab), any float dtype (upcast to float32).
+    targets: (batch, length) int32.
+    weights: (batch, length) float32.
+
+  Returns:
+    (loss_sum, weight_sum, correct_sum): float32 scalars; the mean loss in nats
+    per token is loss_sum / weight_sum.
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  loss = (log_z - target_logit) * weights
+  correct = (jnp.argmax(logits, axis=-1) == targets) * weights
+  return jnp.sum(loss), jnp.sum(weights), jnp.sum(correct)
+
+
+def schedule_is_traceable(lr_schedule):
+  """Whether `lr_schedule(step)` can be computed inside a jitted step."""
+  try:
+    jax.eval_shape(lr_schedule, jax.ShapeDtypeStruct((), jnp.int32))
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False   # e.g. trax's multifactor compares the rate in Python.
+
+
+def host_learning_rate(lr_schedule, step):
+  """The schedule's rate at `step`, computed on the host CPU as a float32."""
+  with jax.default_device(jax.local_devices(backend='cpu')[0]):
+    return np.float32(lr_schedule(step))
+
+
+def _loss_fn(model, compute_dtype):
+  def loss(weights, state, batch, rng):
+    inputs, targets, token_weights = batch
+    logits, new_state = model.pure_fn(
+        inputs, cast_floats(weights, compute_dtype), state, rng)
+    loss_sum, weight_sum, correct = cross_entropy(logits, targets, token_weights)
+    mean = loss_sum / jnp.maximum(weight_sum, 1.0)
+    return mean, (new_state, loss_sum, weight_sum, correct)
+  return loss
+
+
+def clip_by_global_norm(grads, max_norm):
+  """Scales the whole gradient tree down so its L2 norm is at most max_norm."""
+  norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+  scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+  return jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), grads)
+
+
+def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
+                    clip_grad_norm=None):
+  """Returns `step_fn(train_state, step, batch, rng, lr) -> (train_state, metrics)`.
+
+  Gradients are clipped to `clip_grad_norm` (global L2 norm) when it is set;
+  metrics report the norm before clipping.
+  `step_fn` is jitted with `train_state` donated.  `lr` is used only when the
+  schedule cannot be traced (pass `host_learning_rate(...)`, else anything).
+  Metrics are float32 device scalars: loss (mean nats per token), weight_sum,
+  accuracy, learning_rate, gradients_l2, weights_l2.
+  """
+  loss = _loss_fn(model, compute_dtype)
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+  traced_lr = schedule_is_traceable(lr_schedule)
+  _, base_opt_params = optimizer.tree_init(model.weights)
+
+  def step_fn(train_state, step, batch, rng, lr):
+    weights, slots, state = train_state
+    (mean, (new_state, _, weight_sum, correct)), grads = grad_fn(
+        weights, state, batch, rng)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g))
+                             for g in jax.tree_util.tree_leaves(grads)))
+    if clip_grad_norm is not None:
+      grads = clip_by_global_norm(grads, clip_grad_norm)
+    lr = lr_schedule(step) if traced_lr else lr
+    opt_params = dict(base_opt_params, learning_rate=jnp.asarray(lr, jnp.float32))
+    new_weights, new_slots, opt_metrics = optimizer.tree_update(
+        step, grads, weights, slots, opt_params, store_slots=False)
+    metrics = {
+        'loss': mean,
+        'weight_sum': weight_sum,
+        'accuracy': correct / jnp.maximum(weight_sum, 1.0),
+        'learning_rate': opt_params['learning_rate'],
+        'gradients_l2': grad_norm,
+        'weights_l2': opt_metrics['weights_l2'],
+    }
+    return TrainState(new_weights, new_slots, new_state), metrics
+
+  return jax.jit(step_fn, donate_argnums=(0,))
+
+
+def make_eval_step(model, compute_dtype=None):
+  """Returns jitted `eval_fn(weights, state, batch) -> (loss_sum, weight_sum, correct)`."""
+  loss = _loss_fn(model, compute_dtype)
+  def eval_fn(weights, state, batch):
+    _, (_, loss_sum, weight_sum, correct) = loss(
+        weights, state, batch, jax.random.PRNGKey(0))
+    return loss_sum, weight_sum, correct
+  return jax.jit(eval_fn)
+
+
+def init_train_state(model, optimizer, batch_shape, seed):
+  """Initialises the model for (batch, length) int32 inputs and the optimizer.
+
+  Returns a TrainState of device arrays.
+  """
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  model.init(shapes.ShapeDtype(batch_shape, np.int32),
+             rng=jax.random.PRNGKey(seed))
+  slots, _ = optimizer.tree_init(model.weights)
+  return TrainState(model.weights, slots, model.state)
+
+
+# --- FLOP counting and MFU --------------------------------------------------
+
+# Dense bf16 peak FLOP/s per device, by the start of jax's device_kind.
+PEAK_FLOPS = {
+    'NVIDIA H100 80GB HBM3': 989.4e12,  # SXM5
+    'NVIDIA H100 PCIe': 756e12,
+    'NVIDIA H200': 989.4e12,
+    'NVIDIA A100': 312e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
+}
+
+
+def device_peak_flops(device=None):
+  """The device's dense bf16 peak in FLOP/s, or None when unknown (e.g. CPU)."""
+  kind = (device or jax.devices()[0]).device_kind
+  for prefix, peak in PEAK_FLOPS.items():
+    if kind.startswith(prefix):
+      return peak
+  return None
+
+
+def _matmul_params(model):
+  """Parameters that take part in matmuls: all but embedding lookups and 1-D."""
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  def walk(layer):
+    if isinstance(layer, (tl.Embedding, tl.PositionalEncoding)):
+      return 0
+    if layer.sublayers:
+      return sum(walk(s) for s in layer.sublayers)
+    leaves = jax.tree_util.tree_leaves(layer.weights)
+    return sum(int(np.prod(w.shape)) for w in leaves if len(w.shape) >= 2)
+  return walk(model)
+
+
+def _attention_layers(model):
+  from training import model as model_lib  # pylint: disable=g-import-not-at-top
+  if isinstance(model, model_lib.CausalDotProductAttention):
+    return [model]
+  return [a for s in model.sublayers for a in _attention_layers(s)]
+
+
+def train_flops_per_token(model, seq_len):
+  """Training FLOPs per token: 6 * matmul params + 6 * d_attn * seq_len per layer.
+
+  The causal convention of llm.c (attention scores counted for the lower
+  triangle only); d_attn = heads * head width.  `model` must be initialised.
+  """
+  attention = sum(a.d_attn for a in _attention_layers(model))
+  return 6 * _matmul_params(model) + 6 * attention * seq_len
+
+
+def count_params(weights):
+  return sum(int(np.prod(w.shape)) for w in jax.tree_util.tree_leaves(weights))
+
+
+def bits(nats):
+  return nats / math.log(2)
