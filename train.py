@@ -98,7 +98,8 @@ def main(argv):
                  if getattr(FLAGS, name) is not None}
     run.train(FLAGS.output_dir, **overrides)
   except run.UserError as e:
-    print(f'error: {e}', file=sys.stderr)
+    message = str(e).split('\n  In call to configurable')[0]  # gin's addition
+    print(f'error: {message}', file=sys.stderr)
     sys.exit(1)
 
 

@@ -13,7 +13,8 @@ generated on the device beforehand (so input data is not measured):
 
 Timing: compile plus --warmup untimed steps, then --repeats timed blocks of
 --steps steps, each ended by one `jax.block_until_ready`; the median block
-gives the step time.  trax_loop times one block of --trax_steps after
+gives the step time.  The blocks of ours and handwritten alternate, so that
+background load (e.g. a shared CPU) affects both alike.  trax_loop times one block of --trax_steps after
 `loop.run(1)` twice.  tokens/s = batch * seq / step time.  All three use the
 same FLOP count, 6 * matmul params (head included, embeddings and positions
 excluded) + 6 * n_layers * d_model * seq per token, and MFU divides by the
@@ -74,18 +75,29 @@ def make_batches(cfg, seed):
   return jax.block_until_ready(out)
 
 
-def time_blocks(run, args):
-  """run(n) runs n steps and returns arrays to wait on; returns block times."""
-  jax.block_until_ready(run(args.warmup))   # compile + warm-up, untimed
-  times = []
-  for _ in range(args.repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(args.steps))
-    times.append(time.perf_counter() - t0)
-  return times, args.steps
+class Runner:
+  """A jitted implementation ready to train: `run(n)` dispatches n steps and
+  returns arrays to wait on; `loss()` is the last step's loss."""
+
+  def __init__(self, step, state, batches, n_params, call):
+    self.n_params = n_params
+    self._step, self._state, self._batches, self._call = step, state, batches, call
+    self._i = 0
+    self._loss = None
+
+  def run(self, n):
+    for _ in range(n):
+      batch = self._batches[self._i % len(self._batches)]
+      self._state, self._loss = self._call(self._step, self._state, self._i,
+                                           batch)
+      self._i += 1
+    return self._state, self._loss
+
+  def loss(self):
+    return None if self._loss is None else float(self._loss)
 
 
-def bench_ours(cfg, args, batches, dtype):
+def setup_ours(cfg, args, batches, dtype):
   import trax  # pylint: disable=g-import-not-at-top
   from trax import layers as tl  # pylint: disable=g-import-not-at-top
   from training import model as M  # pylint: disable=g-import-not-at-top
@@ -97,54 +109,31 @@ def bench_ours(cfg, args, batches, dtype):
   ts = T.init_train_state(m, opt, (cfg['batch'], cfg['seq']), args.seed)
   theirs = T.train_flops_per_token(m, cfg['seq'])
   if theirs != flops_per_token(cfg):
-    print(f'WARNING: trainer.train_flops_per_token = {theirs}, bench formula '
-          f'= {flops_per_token(cfg)}', file=sys.stderr)
-  n_params = T.count_params(ts.weights)
+    print(f'NOTE: trainer.train_flops_per_token = {theirs:,} but the bench '
+          f'formula gives {flops_per_token(cfg):,}; the bench uses its own.',
+          file=sys.stderr)
   step = T.make_train_step(m, opt, lambda s: LR, compute_dtype=dtype)
   rng = jax.random.PRNGKey(args.seed + 1)
-  holder = {'ts': ts, 'i': 0}
-  del ts
 
-  def run(n):
-    metrics = None
-    for _ in range(n):
-      i = holder['i']
-      holder['ts'], metrics = step(holder['ts'], i, batches[i % len(batches)],
-                                   rng, 0.0)
-      holder['i'] = i + 1
-    return holder['ts'], metrics
+  def call(step, ts, i, batch):
+    ts, metrics = step(ts, i, batch, rng, 0.0)
+    return ts, metrics['loss']
 
-  times, n = time_blocks(run, args)
-  loss = float(run(1)[1]['loss'])
-  return dict(times=times, steps=n, params=n_params, loss=loss)
+  return Runner(step, ts, batches, T.count_params(ts.weights), call)
 
 
-def bench_handwritten(cfg, args, batches, dtype):
+def setup_handwritten(cfg, args, batches, dtype):
   params = H.init_params(jax.random.PRNGKey(args.seed), cfg['vocab'],
                          cfg['d_model'], cfg['d_ff'], cfg['n_layers'],
                          cfg['seq'])
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
   step = H.make_train_step(cfg['n_heads'], compute_dtype=dtype, lr=LR)
-  holder = {'state': H.init_state(params), 'i': 0}
-  del params
-
-  def run(n):
-    loss = None
-    for _ in range(n):
-      i = holder['i']
-      holder['state'], loss = step(holder['state'], i,
-                                   batches[i % len(batches)])
-      holder['i'] = i + 1
-    return holder['state'], loss
-
-  times, n = time_blocks(run, args)
-  loss = float(run(1)[1])
-  return dict(times=times, steps=n, params=n_params, loss=loss)
+  return Runner(step, H.init_state(params), batches, n_params,
+                lambda step, state, i, batch: step(state, i, batch))
 
 
-def bench_trax_loop(cfg, args, batches, dtype):
-  """trax's TransformerLM + Loop, float32; `dtype` is ignored."""
-  del dtype
+def bench_trax_loop(cfg, args, batches):
+  """trax's TransformerLM trained by trax's Loop, float32."""
   import trax  # pylint: disable=g-import-not-at-top
   from trax import layers as tl  # pylint: disable=g-import-not-at-top
   from trax.supervised import training  # pylint: disable=g-import-not-at-top
@@ -188,24 +177,65 @@ def bench_trax_loop(cfg, args, batches, dtype):
   return dict(times=times, steps=args.trax_steps, params=n_params, loss=None)
 
 
-BENCH = {'ours': bench_ours, 'handwritten': bench_handwritten,
-         'trax_loop': bench_trax_loop}
+SETUP = {'ours': setup_ours, 'handwritten': setup_handwritten}
+
+
+def _error(e):
+  traceback.print_exc()
+  return f'{type(e).__name__}: {e}'.splitlines()[0][:200]
 
 
 def run_shape(name, args, dtype, peak):
+  """Benchmarks every requested implementation at one shape; returns rows.
+
+  The jitted implementations are compiled and warmed up first, then their
+  timed blocks are interleaved (ours, handwritten, ours, ...) so that a
+  change in background load hits all of them alike; trax_loop runs last.
+  """
   cfg = SHAPES[name]
   batches = make_batches(cfg, args.seed)
   fpt = flops_per_token(cfg)
+  results, runners = {}, {}
+  for impl in [i for i in args.impls if i in SETUP]:
+    print(f'[{name}] {impl}: compiling and warming up', file=sys.stderr,
+          flush=True)
+    try:
+      runners[impl] = SETUP[impl](cfg, args, batches, dtype)
+      jax.block_until_ready(runners[impl].run(args.warmup))
+    except Exception as e:  # pylint: disable=broad-except
+      runners.pop(impl, None)
+      results[impl] = dict(error=_error(e))
+  times = {impl: [] for impl in runners}
+  for _ in range(args.repeats):
+    for impl, runner in runners.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(runner.run(args.steps))
+      times[impl].append(time.perf_counter() - t0)
+  for impl, runner in runners.items():
+    results[impl] = dict(times=times[impl], steps=args.steps,
+                         params=runner.n_params, loss=runner.loss())
+  runners.clear()
+  gc.collect()
+  if 'trax_loop' in args.impls and args.trax_steps > 0:
+    print(f'[{name}] trax_loop: compiling and running', file=sys.stderr,
+          flush=True)
+    try:
+      results['trax_loop'] = bench_trax_loop(cfg, args, batches)
+    except Exception as e:  # pylint: disable=broad-except
+      results['trax_loop'] = dict(error=_error(e))
+    gc.collect()
+
   rows = []
   for impl in args.impls:
-    if impl == 'trax_loop' and args.trax_steps <= 0:
+    if impl not in results:
       continue
-    impl_dtype = 'float32' if impl == 'trax_loop' else args.dtype
-    row = dict(shape=name, impl=impl, dtype=impl_dtype, batch=cfg['batch'],
-               seq=cfg['seq'], flops_per_token=fpt)
-    print(f'[{name}] {impl} ({impl_dtype}) ...', file=sys.stderr, flush=True)
-    try:
-      res = BENCH[impl](cfg, args, batches, dtype)
+    res = results[impl]
+    row = dict(shape=name, impl=impl,
+               dtype='float32' if impl == 'trax_loop' else args.dtype,
+               batch=cfg['batch'], seq=cfg['seq'], flops_per_token=fpt)
+    if 'error' in res:
+      row['error'] = res['error']
+    else:
       step_s = statistics.median(res['times']) / res['steps']
       tps = cfg['batch'] * cfg['seq'] / step_s
       row.update(params=int(res['params']), steps=res['steps'],
@@ -213,16 +243,14 @@ def run_shape(name, args, dtype, peak):
                  tokens_per_s=tps, loss=res['loss'],
                  mfu=fpt * tps / peak if peak else None)
       print(f'[{name}] {impl}: {step_s * 1e3:.2f} ms/step, {tps:,.0f} tok/s, '
-            f'loss {res["loss"]}', file=sys.stderr, flush=True)
-    except Exception as e:  # pylint: disable=broad-except
-      traceback.print_exc()
-      row['error'] = f'{type(e).__name__}: {e}'.splitlines()[0][:200]
+            f'final loss {res["loss"]}', file=sys.stderr, flush=True)
     rows.append(row)
-    gc.collect()
-  base = {r['impl']: r.get('step_time_s') for r in rows}
-  for r in rows:
-    if r.get('step_time_s') and base.get('handwritten'):
-      r['vs_handwritten'] = r['step_time_s'] / base['handwritten']
+  base = results.get('handwritten', {}).get('times')
+  if base:
+    base_s = statistics.median(base) / args.steps
+    for r in rows:
+      if r.get('step_time_s'):
+        r['vs_handwritten'] = r['step_time_s'] / base_s
   return rows
 
 
@@ -299,9 +327,11 @@ def main(argv=None):
   header = (f'### Training throughput: {device.device_kind} '
             f'({device.platform}, {jax.device_count()} device(s), {peak_s}), '
             f'jax {jax.__version__}, {when}\n\n`{command}`\n\n'
-            f'{args.steps} timed steps x {args.repeats} repeats (median); '
-            f'trax_loop: {args.trax_steps} steps, float32. FLOPs/token = '
-            '6 x matmul params + 6 x layers x d_model x seq for all rows.')
+            f'{args.steps} timed steps x {args.repeats} repeats (median)'
+            + (f'; trax_loop: {args.trax_steps} steps, float32'
+               if 'trax_loop' in args.impls and args.trax_steps > 0 else '')
+            + '. FLOPs/token = 6 x matmul params + 6 x layers x d_model x seq '
+            'for every row; MFU against the bf16 peak.')
   table = markdown(rows, header)
   lines = []
   for name in args.shapes:

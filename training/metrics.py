@@ -32,7 +32,7 @@ def format_line(split, step, values):
 class MetricsWriter:
   """Writes metric records to stdout, JSONL and (optionally) TensorBoard."""
 
-  def __init__(self, run_dir, tensorboard=True, stream=sys.stdout):
+  def __init__(self, run_dir, tensorboard=True, stream=None):
     os.makedirs(run_dir, exist_ok=True)
     self._jsonl = open(os.path.join(run_dir, 'metrics.jsonl'), 'a')
     self._tb_dir = os.path.join(run_dir, 'tb') if tensorboard else None
@@ -48,7 +48,8 @@ class MetricsWriter:
 
   def write(self, split, step, values):
     values = {k: float(v) for k, v in values.items()}
-    print(format_line(split, step, values), file=self._stream, flush=True)
+    print(format_line(split, step, values), file=self._stream or sys.stdout,
+          flush=True)
     record = {'split': split, 'step': int(step), 'time': time.time()}
     record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
     self._jsonl.write(json.dumps(record) + '\n')

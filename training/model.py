@@ -184,3 +184,23 @@ def DecoderLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
       LayerNorm(),
       tl.Dense(vocab_size),
   )
+
+
+def _dense_layers(layer):
+  """The tl.Dense sublayers of `layer`, depth first, in order."""
+  if isinstance(layer, tl.Dense):
+    return [layer]
+  return [d for s in layer.sublayers for d in _dense_layers(s)]
+
+
+def attention_weights_from_trax(trax_attention):
+  """Converts an initialised `tl.CausalAttention` layer's weights to ours.
+
+  trax keeps separate Q, K and V projections (w, b each) and an output
+  projection; `CausalSelfAttention` keeps one fused projection whose columns
+  are [Q | K | V].  Returns the weight tree for `CausalSelfAttention`.
+  """
+  q, k, v, out = [d.weights for d in _dense_layers(trax_attention)]
+  fused_w = jnp.concatenate([q[0], k[0], v[0]], axis=1)
+  fused_b = jnp.concatenate([q[1], k[1], v[1]], axis=0)
+  return ((fused_w, fused_b), (), out)

@@ -80,7 +80,7 @@ def _check_finite(value, step, run_dir):
     raise UserError(
         f'The training loss became {value} at step {step}; {kept}. Lower the '
         'learning rate (e.g. --gin_param="multifactor.constant=3e-4"), clip '
-        'gradients (--gin_param="train.clip_grad_norm=1.0") or compute in '
+        'gradients (--gin_param="training.train.clip_grad_norm=1.0") or compute in '
         'float32.')
 
 
@@ -236,11 +236,13 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
       writer.write('train', done, values)
     if eval_every and done % eval_every == 0:
       eval_loss = evaluate(done)
+      tick = time.time()  # throughput counts training time only
     if (checkpoint_every and done % checkpoint_every == 0) or done == steps:
       if pending:  # make sure the loss is finite before saving
         loss = float(jax.device_get(pending[-1]['loss']))
       path = save(done, loss)
       print(f'checkpoint: {path}', flush=True)
+      tick = time.time()
   if eval_every and steps % eval_every and start < steps:
     eval_loss = evaluate(steps)
   writer.close()

@@ -1,0 +1,99 @@
+"""The baseline DecoderLM: parity with trax, the attention equation, predict mode."""
+import jax
+from jax import numpy as jnp
+import numpy as np
+import pytest
+from trax import layers as tl
+from trax import shapes
+
+from training import model as model_lib
+
+RNG = jax.random.PRNGKey(0)
+
+
+def _init(layer, shape, dtype=np.int32):
+  layer.init(shapes.ShapeDtype(shape, dtype), rng=RNG)
+  return layer
+
+
+def _lm(mode, **kw):
+  cfg = dict(vocab_size=50, d_model=32, d_ff=64, n_layers=2, n_heads=4, max_len=40)
+  cfg.update(kw)
+  return model_lib.DecoderLM(mode=mode, **cfg)
+
+
+@pytest.mark.parametrize('d_model,n_heads,length', [(16, 1, 5), (32, 4, 9), (48, 6, 17)])
+def test_attention_matches_trax_causal_attention(d_model, n_heads, length):
+  """With converted weights, ours equals tl.CausalAttention in eval mode to 1e-5."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, length, d_model))
+  ref = tl.CausalAttention(d_model, n_heads=n_heads, mode='eval')
+  ref.init(shapes.signature(x), rng=RNG)
+  ours = model_lib.CausalSelfAttention(d_model, n_heads, mode='eval')
+  ours.init(shapes.signature(x), rng=RNG)
+  weights = model_lib.attention_weights_from_trax(ref)
+  want = ref(x)
+  got, _ = ours.pure_fn(x, weights, ours.state, RNG)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_equation():
+  """out_h = softmax(q_h k_h^T / sqrt(d_h) + causal mask) v_h, heads concatenated."""
+  b, t, d, h = 2, 6, 12, 3
+  qkv = jax.random.normal(jax.random.PRNGKey(2), (b, t, 3 * d))
+  layer = model_lib.CausalDotProductAttention(h, mode='eval')
+  layer.init(shapes.signature(qkv))
+  got = layer(qkv)
+  q, k, v = [a.reshape(b, t, h, d // h) for a in np.split(np.asarray(qkv), 3, axis=-1)]
+  scores = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(d // h)
+  scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = np.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, t, d)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_layer_norm_matches_trax_and_keeps_dtype():
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 8)) * 3 + 1
+  ref = tl.LayerNorm()
+  ref.init(shapes.signature(x), rng=RNG)
+  ours = model_lib.LayerNorm()
+  ours.init(shapes.signature(x), rng=RNG)
+  np.testing.assert_allclose(ours.pure_fn(x, ref.weights, (), RNG)[0], ref(x), atol=1e-5)
+  y = ours.pure_fn(x.astype(jnp.bfloat16), ref.weights, (), RNG)[0]
+  assert y.dtype == jnp.bfloat16
+
+
+def test_predict_mode_equals_eval_mode():
+  """Token-by-token decoding (after a 3-token prefill) gives eval mode's logits."""
+  ids = jax.random.randint(jax.random.PRNGKey(4), (2, 12), 0, 50)
+  eval_model = _init(_lm('eval'), ids.shape)
+  want = eval_model(ids)
+  predict = _init(_lm('predict'), (2, 1))
+  weights, state = eval_model.weights, predict.state
+  outs = []
+  logits, state = predict.pure_fn(ids[:, :3], weights, state, RNG)
+  outs.append(logits)
+  for t in range(3, 12):
+    logits, state = predict.pure_fn(ids[:, t:t + 1], weights, state, RNG)
+    outs.append(logits)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), want, atol=1e-5)
+
+
+def test_causal():
+  """Changing a later token changes no earlier logits."""
+  model = _init(_lm('eval'), (1, 10))
+  ids = np.arange(10, dtype=np.int32)[None] % 50
+  changed = ids.copy()
+  changed[0, 6] = 49
+  a, b = model(ids), model(changed)
+  np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-6)
+  assert np.abs(np.asarray(a[:, 6:] - b[:, 6:])).max() > 1e-4
+
+
+def test_output_shape_and_modes():
+  model = _init(_lm('train'), (3, 7))
+  assert model(np.zeros((3, 7), np.int32)).shape == (3, 7, 50)
+  with pytest.raises(ValueError, match='mode must be one of'):
+    _lm('decode')
+  with pytest.raises(ValueError, match='multiple of n_heads'):
+    _lm('eval', d_model=30, n_heads=4)
