@@ -58,6 +58,8 @@ def parse_gin(files, bindings):
   import gin  # pylint: disable=g-import-not-at-top
   from training import run  # pylint: disable=g-import-not-at-top
   import training.configurables  # pylint: disable=g-import-not-at-top,unused-import
+  # `include 'gin/...'` lines resolve against the project root from any cwd.
+  gin.add_config_file_search_path(os.path.dirname(os.path.abspath(__file__)))
   for path in files:
     try:
       gin.parse_config_file(path)

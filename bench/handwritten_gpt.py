@@ -62,7 +62,13 @@ def _dense(p, x):
   return x @ p['w'] + p['b']
 
 
-def forward(params, ids, n_heads):
+ACTIVATIONS = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'relu2': lambda x: jnp.square(jax.nn.relu(x)),
+}
+
+
+def forward(params, ids, n_heads, activation='gelu'):
   """ids (batch, seq) int32 -> logits (batch, seq, vocab) in the params' dtype."""
   b, t = ids.shape
   x = params['embed'][ids] + params['pos'][:t]
@@ -75,16 +81,15 @@ def forward(params, ids, n_heads):
         qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True,
         implementation=impl)
     x = x + _dense(blk['proj'], att.reshape(b, t, -1))
-    h = jax.nn.gelu(_dense(blk['ff1'], _layer_norm(blk['ln2'], x)),
-                    approximate=False)
+    h = ACTIVATIONS[activation](_dense(blk['ff1'], _layer_norm(blk['ln2'], x)))
     x = x + _dense(blk['ff2'], h)
   return _dense(params['head'], _layer_norm(params['ln_f'], x))
 
 
-def loss_fn(params, batch, n_heads, compute_dtype):
+def loss_fn(params, batch, n_heads, compute_dtype, activation='gelu'):
   inputs, targets, weights = batch
   params = jax.tree_util.tree_map(lambda p: p.astype(compute_dtype), params)
-  logits = forward(params, inputs, n_heads).astype(jnp.float32)
+  logits = forward(params, inputs, n_heads, activation).astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -97,14 +102,15 @@ def init_state(params):
 
 
 def make_train_step(n_heads, compute_dtype=jnp.bfloat16, lr=3e-4, b1=0.9,
-                    b2=0.999, eps=1e-5, weight_decay=1e-5):
+                    b2=0.999, eps=1e-5, weight_decay=1e-5, activation='gelu'):
   """Returns jitted `step(state, step_index, batch) -> (state, loss)`.
 
   Adam with bias correction and multiplicative weight decay (the same update
   as trax.optimizers.Adam's defaults); `state` is donated.
   """
   grad_fn = jax.value_and_grad(
-      functools.partial(loss_fn, n_heads=n_heads, compute_dtype=compute_dtype))
+      functools.partial(loss_fn, n_heads=n_heads, compute_dtype=compute_dtype,
+                        activation=activation))
 
   def step(state, i, batch):
     params, m, v = state

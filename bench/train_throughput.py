@@ -14,8 +14,9 @@ generated on the device beforehand (so input data is not measured):
 Timing: compile plus --warmup untimed steps, then --repeats timed blocks of
 --steps steps, each ended by one `jax.block_until_ready`; the median block
 gives the step time.  The blocks of ours and handwritten alternate, so that
-background load (e.g. a shared CPU) affects both alike.  trax_loop times one block of --trax_steps after
-`loop.run(1)` twice.  tokens/s = batch * seq / step time.  All three use the
+background load (e.g. a shared CPU) affects both alike.  trax_loop times one
+block of --trax_steps after `loop.run(1)` twice, with output_dir=None (no
+checkpoints, summaries or tf.io.gfile) and no eval task.  tokens/s = batch * seq / step time.  All three use the
 same FLOP count, 6 * matmul params (head included, embeddings and positions
 excluded) + 6 * n_layers * d_model * seq per token, and MFU divides by the
 device's dense bf16 peak (`trainer.device_peak_flops`), '-' when unknown.
@@ -97,6 +98,13 @@ class Runner:
     return None if self._loss is None else float(self._loss)
 
 
+def _trax_activation(name):
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  if name == 'gelu':
+    return tl.Gelu
+  return lambda: tl.Fn('SquaredRelu', lambda x: jnp.square(jax.nn.relu(x)))
+
+
 def setup_ours(cfg, args, batches, dtype):
   import trax  # pylint: disable=g-import-not-at-top
   from trax import layers as tl  # pylint: disable=g-import-not-at-top
@@ -104,7 +112,7 @@ def setup_ours(cfg, args, batches, dtype):
   from training import trainer as T  # pylint: disable=g-import-not-at-top
   m = M.DecoderLM(cfg['vocab'], d_model=cfg['d_model'], d_ff=cfg['d_ff'],
                   n_layers=cfg['n_layers'], n_heads=cfg['n_heads'],
-                  max_len=cfg['seq'], activation=tl.Gelu)
+                  max_len=cfg['seq'], activation=_trax_activation(args.activation))
   opt = trax.optimizers.Adam(learning_rate=1e-4)
   ts = T.init_train_state(m, opt, (cfg['batch'], cfg['seq']), args.seed)
   theirs = T.train_flops_per_token(m, cfg['seq'])
@@ -127,7 +135,8 @@ def setup_handwritten(cfg, args, batches, dtype):
                          cfg['d_model'], cfg['d_ff'], cfg['n_layers'],
                          cfg['seq'])
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
-  step = H.make_train_step(cfg['n_heads'], compute_dtype=dtype, lr=LR)
+  step = H.make_train_step(cfg['n_heads'], compute_dtype=dtype, lr=LR,
+                           activation=args.activation)
   return Runner(step, H.init_state(params), batches, n_params,
                 lambda step, state, i, batch: step(state, i, batch))
 
@@ -269,7 +278,8 @@ def markdown(rows, header):
                    f"{r['batch']}x{r['seq']} | - | - | - | "
                    f"error: {r['error'].replace('|', '/')} |")
       continue
-    mfu = '-' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"
+    mfu = ('-' if r['mfu'] is None else
+           f"{100 * r['mfu']:.{1 if r['mfu'] >= 1e-3 else 3}f}%")
     lines.append(
         f"| {r['shape']} | {r['impl']} | {r['dtype']} | "
         f"{r['params'] / 1e6:.2f}M | {r['batch']}x{r['seq']} | "
@@ -292,6 +302,8 @@ def parse_args(argv):
   p.add_argument('--impls', default=','.join(IMPLS))
   p.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'))
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--activation', default='gelu', choices=('gelu', 'relu2'),
+                 help='feed-forward activation of ours and handwritten')
   p.add_argument('--append_to', default='BENCHMARKS.md',
                  help="Markdown file to append the table to; '' for none")
   p.add_argument('--out_json', default=None)

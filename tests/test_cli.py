@@ -109,3 +109,13 @@ def test_command_line_flags_and_help():
   missing = subprocess.run([sys.executable, 'train.py'], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
   assert missing.returncode != 0 and '--output_dir is required' in missing.stderr
+
+
+@pytest.mark.parametrize('path', sorted(
+    os.path.relpath(os.path.join(d, f), ROOT)
+    for d, _, files in os.walk(os.path.join(ROOT, 'gin')) for f in files
+    if f.endswith('.gin')))
+def test_shipped_gin_files_parse(path):
+  """Every config under gin/ parses and binds only names that exist."""
+  train.parse_gin([os.path.join(ROOT, path)], [])  # from any cwd
+  assert gin.query_parameter('training.train.steps') > 0

@@ -29,7 +29,8 @@ def test_cross_entropy_equation():
   logits = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5))
   targets = jnp.array([[0, 1, 2], [3, 4, 0]])
   weights = jnp.array([[1., 1., 0.], [1., 0., 1.]])
-  loss, wsum, correct = T.cross_entropy(logits, targets, weights)
+  loss, wsum = T.cross_entropy(logits, targets, weights)
+  correct = T.accuracy_sum(logits, targets, weights)
   z = np.asarray(logits)
   want = 0.0
   hits = 0
@@ -85,6 +86,20 @@ def test_clipping_limits_the_update():
       jax.tree_util.tree_leaves(w0), jax.tree_util.tree_leaves(state.weights))))
   np.testing.assert_allclose(moved, 1e-3, rtol=1e-3)
   assert float(m['gradients_l2']) > 1e-2  # reported before clipping
+
+
+def test_optimizer_update_equals_trax_tree_update():
+  """apply_optimizer gives exactly the weights and slots of trax's tree_update."""
+  model, _, state = _setup()
+  opt = trax.optimizers.Adam(learning_rate=1e-2)
+  slots, params = opt.tree_init(state.weights)
+  grads = jax.tree_util.tree_map(lambda w: jnp.sin(w) + 0.1, state.weights)
+  want_w, want_s, _ = opt.tree_update(3, grads, state.weights, slots, params,
+                                      store_slots=False)
+  got_w, got_s = T.apply_optimizer(opt, 3, grads, state.weights, slots, params)
+  for a, b in zip(jax.tree_util.tree_leaves((want_w, want_s)),
+                  jax.tree_util.tree_leaves((got_w, got_s))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_learning_rate_paths():

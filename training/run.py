@@ -132,7 +132,7 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
     keep_checkpoints: how many of the newest checkpoints to keep.
     tensorboard: also write TensorBoard event files.
     sample_prompt, sample_length, sample_temperature: the text generated at
-      the end (sample_length 0 skips it).
+      the end (sample_length 0 skips it; at most seq_len tokens in all).
 
   Returns:
     dict with the final 'step', last train 'loss', last 'eval_loss' (or None),
@@ -210,10 +210,14 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
   key = jax.random.PRNGKey(seed)
   pending, loss, eval_loss, path = [], float('nan'), None, last
   tick, tick_step = time.time(), start
-  for step, batch in zip(range(start, steps), _prefetch(ds.batches(start))):
-    lr = trainer_lib.host_learning_rate(lr_schedule, step) if host_lr else 0.0
-    state, step_metrics = train_step(state, step, batch,
-                                     jax.random.fold_in(key, step), lr)
+  def inputs():  # runs in a background thread, ahead of the device
+    for step, batch in zip(range(start, steps), ds.batches(start)):
+      lr = (trainer_lib.host_learning_rate(lr_schedule, step) if host_lr
+            else np.float32(0))
+      yield step, jax.device_put(batch), lr
+
+  for step, batch, lr in _prefetch(inputs()):
+    state, step_metrics = train_step(state, step, batch, key, lr)
     pending.append(step_metrics)
     done = step + 1
     if done % log_every == 0 or done == steps:
@@ -227,7 +231,6 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
       for value in losses:
         _check_finite(value, done, run_dir)
       values = {'loss': loss, 'bits_per_byte': trainer_lib.bits(loss) / bytes_per_token,
-                'accuracy': float(np.mean([m['accuracy'] for m in fetched])),
                 'learning_rate': float(fetched[-1]['learning_rate']),
                 'gradients_l2': float(fetched[-1]['gradients_l2']),
                 'tokens_per_s': tokens_per_s}
@@ -248,10 +251,11 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
   writer.close()
 
   sample = ''
-  if sample_length > 0:
+  # Positions past seq_len were never trained: generate within the context.
+  length = min(sample_length, seq_len - len(ds.tokenizer.encode(sample_prompt)))
+  if length > 0:
     sample = generate_text(model, ds.tokenizer, ds.vocab_size, state.weights,
-                           sample_prompt, sample_length, sample_temperature,
-                           seed, dtype)
+                           sample_prompt, length, sample_temperature, seed, dtype)
     with open(os.path.join(run_dir, 'samples.txt'), 'a') as f:
       f.write(json.dumps({'step': steps, 'prompt': sample_prompt,
                           'text': sample}) + '\n')

@@ -34,7 +34,7 @@ def cast_floats(tree, dtype):
 
 
 def cross_entropy(logits, targets, weights):
-  """Weighted token cross-entropy, summed.
+  """Weighted token cross-entropy, summed: sum_i w_i (logsumexp(z_i) - z_i[y_i]).
 
   Args:
     logits: (batch, length, vocab), any float dtype (upcast to float32).
@@ -42,15 +42,21 @@ def cross_entropy(logits, targets, weights):
     weights: (batch, length) float32.
 
   Returns:
-    (loss_sum, weight_sum, correct_sum): float32 scalars; the mean loss in nats
-    per token is loss_sum / weight_sum.
+    (loss_sum, weight_sum): float32 scalars; the mean loss in nats per token
+    is loss_sum / weight_sum.
   """
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  loss = (log_z - target_logit) * weights
-  correct = (jnp.argmax(logits, axis=-1) == targets) * weights
-  return jnp.sum(loss), jnp.sum(weights), jnp.sum(correct)
+  # A one-hot product rather than a gather: it fuses with the logsumexp pass
+  # and its gradient needs no scatter.
+  one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+  target_logit = jnp.sum(logits * one_hot, axis=-1)
+  return jnp.sum((log_z - target_logit) * weights), jnp.sum(weights)
+
+
+def accuracy_sum(logits, targets, weights):
+  """sum_i w_i [argmax z_i == y_i]: weighted count of correct predictions."""
+  return jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
 
 
 def schedule_is_traceable(lr_schedule):
@@ -68,60 +74,83 @@ def host_learning_rate(lr_schedule, step):
     return np.float32(lr_schedule(step))
 
 
-def _loss_fn(model, compute_dtype):
-  def loss(weights, state, batch, rng):
-    inputs, targets, token_weights = batch
-    logits, new_state = model.pure_fn(
-        inputs, cast_floats(weights, compute_dtype), state, rng)
-    loss_sum, weight_sum, correct = cross_entropy(logits, targets, token_weights)
-    mean = loss_sum / jnp.maximum(weight_sum, 1.0)
-    return mean, (new_state, loss_sum, weight_sum, correct)
-  return loss
+def _logits_fn(model, compute_dtype):
+  def logits_fn(weights, state, inputs, rng):
+    return model.pure_fn(inputs, cast_floats(weights, compute_dtype), state, rng)
+  return logits_fn
 
 
-def clip_by_global_norm(grads, max_norm):
+def clip_by_global_norm(grads, max_norm, norm=None):
   """Scales the whole gradient tree down so its L2 norm is at most max_norm."""
-  norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+  norm = global_norm(grads) if norm is None else norm
   scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
   return jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), grads)
 
 
+def global_norm(tree):
+  """L2 norm of all leaves of `tree` taken as one vector."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree_util.tree_leaves(tree)))
+
+
+def apply_optimizer(optimizer, step, grads, weights, slots, opt_params):
+  """A trax optimizer's per-array `update` over the whole tree.
+
+  The same arithmetic as `optimizer.tree_update`, without the gradient and
+  weight norms it also computes (the step computes the gradient norm once).
+  Returns (new_weights, new_slots).
+  """
+  from trax import fastmath  # pylint: disable=g-import-not-at-top
+  updated = [
+      optimizer.update(step, g, w, s, opt_params)
+      for g, w, s in zip(fastmath.tree_flatten(grads),
+                         fastmath.tree_flatten(weights), slots)]
+  flat_weights = [new.astype(old.dtype) for (new, _), old in
+                  zip(updated, fastmath.tree_flatten(weights))]
+  new_weights, _ = fastmath.tree_unflatten(flat_weights, weights)
+  return new_weights, tuple(s for _, s in updated)
+
+
 def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
                     clip_grad_norm=None):
-  """Returns `step_fn(train_state, step, batch, rng, lr) -> (train_state, metrics)`.
+  """Returns `step_fn(train_state, step, batch, key, lr) -> (train_state, metrics)`.
 
-  Gradients are clipped to `clip_grad_norm` (global L2 norm) when it is set;
-  metrics report the norm before clipping.
-  `step_fn` is jitted with `train_state` donated.  `lr` is used only when the
-  schedule cannot be traced (pass `host_learning_rate(...)`, else anything).
+  One jitted function (train_state donated): forward in `compute_dtype`,
+  float32 loss, gradients, optional clipping of the global gradient norm to
+  `clip_grad_norm`, and the trax optimizer's update with the learning rate
+  `lr_schedule(step)`.  Dropout and other randomness use
+  `fold_in(key, step)`, so a step's randomness depends only on key and step.
+  When the schedule cannot be traced, pass its value
+  as `lr` (see `host_learning_rate`); otherwise `lr` is ignored.
   Metrics are float32 device scalars: loss (mean nats per token), weight_sum,
-  accuracy, learning_rate, gradients_l2, weights_l2.
+  learning_rate, gradients_l2 (before clipping).
   """
-  loss = _loss_fn(model, compute_dtype)
-  grad_fn = jax.value_and_grad(loss, has_aux=True)
+  logits_fn = _logits_fn(model, compute_dtype)
   traced_lr = schedule_is_traceable(lr_schedule)
   _, base_opt_params = optimizer.tree_init(model.weights)
 
-  def step_fn(train_state, step, batch, rng, lr):
+  def loss(weights, state, batch, rng):
+    inputs, targets, token_weights = batch
+    logits, new_state = logits_fn(weights, state, inputs, rng)
+    loss_sum, weight_sum = cross_entropy(logits, targets, token_weights)
+    return loss_sum / jnp.maximum(weight_sum, 1.0), (new_state, weight_sum)
+
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+  def step_fn(train_state, step, batch, key, lr):
     weights, slots, state = train_state
-    (mean, (new_state, _, weight_sum, correct)), grads = grad_fn(
-        weights, state, batch, rng)
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g))
-                             for g in jax.tree_util.tree_leaves(grads)))
+    rng = jax.random.fold_in(key, step)
+    (mean, (new_state, weight_sum)), grads = grad_fn(weights, state, batch, rng)
+    grad_norm = global_norm(grads)
     if clip_grad_norm is not None:
-      grads = clip_by_global_norm(grads, clip_grad_norm)
+      grads = clip_by_global_norm(grads, clip_grad_norm, grad_norm)
     lr = lr_schedule(step) if traced_lr else lr
     opt_params = dict(base_opt_params, learning_rate=jnp.asarray(lr, jnp.float32))
-    new_weights, new_slots, opt_metrics = optimizer.tree_update(
-        step, grads, weights, slots, opt_params, store_slots=False)
-    metrics = {
-        'loss': mean,
-        'weight_sum': weight_sum,
-        'accuracy': correct / jnp.maximum(weight_sum, 1.0),
-        'learning_rate': opt_params['learning_rate'],
-        'gradients_l2': grad_norm,
-        'weights_l2': opt_metrics['weights_l2'],
-    }
+    new_weights, new_slots = apply_optimizer(
+        optimizer, step, grads, weights, slots, opt_params)
+    metrics = {'loss': mean, 'weight_sum': weight_sum,
+               'learning_rate': opt_params['learning_rate'],
+               'gradients_l2': grad_norm}
     return TrainState(new_weights, new_slots, new_state), metrics
 
   return jax.jit(step_fn, donate_argnums=(0,))
@@ -129,11 +158,12 @@ def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
 
 def make_eval_step(model, compute_dtype=None):
   """Returns jitted `eval_fn(weights, state, batch) -> (loss_sum, weight_sum, correct)`."""
-  loss = _loss_fn(model, compute_dtype)
+  logits_fn = _logits_fn(model, compute_dtype)
   def eval_fn(weights, state, batch):
-    _, (_, loss_sum, weight_sum, correct) = loss(
-        weights, state, batch, jax.random.PRNGKey(0))
-    return loss_sum, weight_sum, correct
+    inputs, targets, token_weights = batch
+    logits, _ = logits_fn(weights, state, inputs, jax.random.PRNGKey(0))
+    loss_sum, weight_sum = cross_entropy(logits, targets, token_weights)
+    return loss_sum, weight_sum, accuracy_sum(logits, targets, token_weights)
   return jax.jit(eval_fn)
 
 
