@@ -63,6 +63,17 @@ def test_layer_norm_matches_trax_and_keeps_dtype():
   assert y.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize('vocab', [50, model_lib.ONE_HOT_MAX_VOCAB + 1])
+def test_embedding_matches_trax(vocab):
+  """One-hot (small vocab) and gather (large vocab) both equal tl.Embedding."""
+  ids = jax.random.randint(jax.random.PRNGKey(5), (3, 7), 0, vocab)
+  ref = tl.Embedding(vocab, 16)
+  ref.init(shapes.signature(ids), rng=RNG)
+  ours = model_lib.Embedding(vocab, 16)
+  ours.init(shapes.signature(ids), rng=RNG)
+  np.testing.assert_array_equal(ours.pure_fn(ids, ref.weights, (), RNG)[0], ref(ids))
+
+
 def test_predict_mode_equals_eval_mode():
   """Token-by-token decoding (after a 3-token prefill) gives eval mode's logits."""
   ids = jax.random.randint(jax.random.PRNGKey(4), (2, 12), 0, 50)

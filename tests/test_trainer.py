@@ -134,3 +134,22 @@ def test_eval_step_matches_train_loss():
   loss_sum, wsum, _ = T.make_eval_step(eval_model)(state.weights, state.state, batch)
   _, m = step(state, 0, batch, jax.random.PRNGKey(0), 0.0)
   np.testing.assert_allclose(loss_sum / wsum, m['loss'], rtol=1e-5)
+
+
+@pytest.mark.parametrize('make_opt', [
+    lambda: trax.optimizers.Adam(weight_decay_rate=0.0),
+    lambda: trax.optimizers.Adafactor(),
+    lambda: trax.optimizers.SM3(momentum=0.9),
+], ids=['adam', 'adafactor', 'sm3'])
+def test_trax_optimizers_train(make_opt):
+  """Adam, Adafactor and SM3 (trax's) all run in the jitted step and learn."""
+  model = model_lib.DecoderLM(V, d_model=32, d_ff=64, n_layers=2, n_heads=2, max_len=L)
+  opt = make_opt()
+  state = T.init_train_state(model, opt, (B, L), seed=0)
+  step = T.make_train_step(model, opt, lambda s: 0.01)
+  batch = _batch()
+  losses = []
+  for i in range(20):
+    state, m = step(state, i, batch, jax.random.PRNGKey(0), 0.0)
+    losses.append(float(m['loss']))
+  assert losses[-1] < losses[0] - 0.5

@@ -45,6 +45,27 @@ class LayerNorm(tl.LayerNorm):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+ONE_HOT_MAX_VOCAB = 2048
+
+
+class Embedding(tl.Embedding):
+  """trax's Embedding (same weights), faster to train for small vocabularies.
+
+  (batch, length) int32 -> (batch, length, d_feature).  For vocabularies of
+  at most ONE_HOT_MAX_VOCAB ids the lookup is a one-hot matmul: its gradient
+  is then a matmul too, instead of a scatter-add in which thousands of tokens
+  collide on the same few rows (for byte-level data on a GPU the scatter-add
+  made the whole step 1.8x slower).  Both forms give the same values.
+  """
+
+  def forward(self, x):
+    vocab_size = self.weights.shape[0]
+    if vocab_size > ONE_HOT_MAX_VOCAB:
+      return super().forward(x)
+    one_hot = jax.nn.one_hot(x, vocab_size, dtype=self.weights.dtype)
+    return jnp.dot(one_hot, self.weights, precision=jax.lax.Precision.HIGHEST)
+
+
 def _attention_implementation(dtype):
   """cuDNN flash attention where it applies (GPU, 16-bit), else XLA."""
   if jax.default_backend() == 'gpu' and dtype in (jnp.bfloat16, jnp.float16):
@@ -177,7 +198,7 @@ def DecoderLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, not {mode!r}.')
   return tl.Serial(
-      tl.Embedding(vocab_size, d_model),
+      Embedding(vocab_size, d_model),
       tl.PositionalEncoding(max_len=max_len, mode=mode),
       [DecoderBlock(d_model, d_ff, n_heads, dropout, max_len, activation, mode)
        for _ in range(n_layers)],

@@ -220,11 +220,14 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
     state, step_metrics = train_step(state, step, batch, key, lr)
     pending.append(step_metrics)
     done = step + 1
+    if step == start:  # throughput excludes the first step's compilation
+      jax.block_until_ready(step_metrics)
+      tick, tick_step = time.time(), done
     if done % log_every == 0 or done == steps:
       fetched = jax.device_get(pending)
       pending = []
+      timed_tokens = (done - tick_step) * batch_size * seq_len
       elapsed = time.time() - tick
-      tokens_per_s = (done - tick_step) * batch_size * seq_len / elapsed
       tick, tick_step = time.time(), done
       losses = [float(m['loss']) for m in fetched]
       loss = float(np.mean(losses))
@@ -232,10 +235,11 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
         _check_finite(value, done, run_dir)
       values = {'loss': loss, 'bits_per_byte': trainer_lib.bits(loss) / bytes_per_token,
                 'learning_rate': float(fetched[-1]['learning_rate']),
-                'gradients_l2': float(fetched[-1]['gradients_l2']),
-                'tokens_per_s': tokens_per_s}
-      if peak:
-        values['mfu'] = flops_per_token * tokens_per_s / peak
+                'gradients_l2': float(fetched[-1]['gradients_l2'])}
+      if timed_tokens:  # none when only the compiling step ran since the last log
+        values['tokens_per_s'] = timed_tokens / elapsed
+        if peak:
+          values['mfu'] = flops_per_token * values['tokens_per_s'] / peak
       writer.write('train', done, values)
     if eval_every and done % eval_every == 0:
       eval_loss = evaluate(done)
