@@ -119,3 +119,22 @@ def test_shipped_gin_files_parse(path):
   """Every config under gin/ parses and binds only names that exist."""
   train.parse_gin([os.path.join(ROOT, path)], [])  # from any cwd
   assert gin.query_parameter('training.train.steps') > 0
+
+
+def test_decode_from_a_checkpoint(tmp_path, capsys):
+  """training.decode rebuilds the model from the run folder and continues a prompt."""
+  from training import decode
+  from training import run
+  out = str(tmp_path)
+  assert _main(f'--gin_file={TINY}', f'--output_dir={out}', '--steps=10',
+               '--compute_dtype=bfloat16') == 0
+  model_fn, tokenizer, weights, dtype, meta = decode.load_run(out)
+  assert meta['vocab_size'] == 256 and dtype is not None
+  from training import sampling
+  sampler = sampling.Sampler(model_fn(vocab_size=256, mode='predict'), batch_size=2,
+                             compute_dtype=dtype)
+  prompt = tokenizer.encode('The ')[None].repeat(2, 0)
+  greedy = sampler.generate(weights, prompt, 12, temperature=0.0)
+  assert greedy.shape == (2, 12) and (greedy[0] == greedy[1]).all()
+  with pytest.raises(run.UserError, match='holds no checkpoint'):
+    decode.load_run(str(tmp_path / 'empty'))

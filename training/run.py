@@ -185,6 +185,8 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
   held_out = ds.eval_batches(eval_batches) if eval_every or steps else []
   bytes_per_token = _bytes_per_token(ds, held_out) if held_out else 1.0
   writer = metrics_lib.MetricsWriter(run_dir, tensorboard=tensorboard)
+  vocab_path = getattr(ds.tokenizer, 'model_path', None)
+  vocab_path = vocab_path and os.path.abspath(vocab_path)
   config_text = gin.config_str()
   with open(os.path.join(run_dir, 'config.gin'), 'w') as f:
     f.write(config_text)
@@ -204,7 +206,9 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
     return ckpt_lib.save(
         run_dir, step, {'weights': state.weights, 'slots': state.slots},
         metadata={'n_params': n_params, 'dataset': dataset,
-                  'vocab_size': ds.vocab_size, 'gin_config': config_text},
+                  'vocab_size': ds.vocab_size, 'vocab_file': vocab_path,
+                  'compute_dtype': compute_dtype,
+                  'gin_config': config_text},
         keep=keep_checkpoints)
 
   key = jax.random.PRNGKey(seed)

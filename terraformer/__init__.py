@@ -1,0 +1,1 @@
+"""Scaling Transformers (Terraformer) layers, built as Trax layers."""

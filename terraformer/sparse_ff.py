@@ -1,0 +1,423 @@
+"""Sparse feed-forward blocks of Scaling Transformers (Terraformer), as Trax layers.
+
+A dense feed-forward block computes `relu(x @ W1) @ W2 + b2` with d_ff hidden
+units.  The sparse blocks here keep the same weights but let only a few units
+fire per token, chosen by a small controller, so that decoding one token reads
+only the chosen rows of W1 and W2:
+
+  - `SparseFF` ("1 in N"): the d_ff units are cut into d_ff / N blocks of N
+    units (N = `n_elements_in_block`) and a low-rank controller picks one unit
+    in every block.  A token reads d_ff / N columns of W1 and rows of W2.
+  - `BlockSparseFF` (mixture-of-experts like): the d_ff units are cut into
+    `n_experts` contiguous blocks and a linear router picks one whole block.
+    A token reads d_ff / n_experts columns of W1 and rows of W2.
+
+Both follow `trax.layers.research.sparsity` (trax 1.4.1): same constructor
+arguments and defaults, same equations, same train-mode tricks (Gumbel noise,
+straight-through one-hot, soft mask in a share of the batches), and, after
+`weights_from_trax`, the same eval- and predict-mode outputs.  Differences in
+shape, not in behaviour:
+
+  - `SparseFF` is one layer owning all six weights instead of a tree of
+    nine trax layers, and stores both big matrices unit-major,
+    `(d_ff / N, N, d_model)`, so that predict mode gathers contiguous rows of
+    d_model numbers.  trax stores W1 as `(d_model, d_ff / N, N)` and transposes
+    the whole of it on every predict call, which reads every weight and so
+    undoes the saving.  `weights_from_trax` transposes once.
+  - In predict mode both layers gather the chosen units only while that reads
+    fewer weights than the dense matrices hold, i.e. while the number of rows
+    (batch x length) is below N (`SparseFF`) or `n_experts` (`BlockSparseFF`);
+    a longer prompt is computed densely with the one-hot mask, which gives the
+    same numbers.  (trax gathers for any number of rows in `SparseFF`, and only
+    for exactly one row in `BlockSparseFF`.)
+"""
+
+import jax
+from jax import numpy as jnp
+from trax.layers import base
+from trax.layers import initializers as init
+
+MODES = ('train', 'eval', 'predict')
+
+# Key that trax's `ReversibleHalfResidual.reverse_and_grad` looks for in a
+# layer state `(saved, {'running_second_time': ()})`; it hands the layer
+# `(saved, {'running_second_time_yes': ()})` when it recomputes the forward
+# pass, so the recomputation can reuse the discrete choice of the first pass.
+_FIRST_PASS = 'running_second_time'
+_SECOND_PASS = 'running_second_time_yes'
+
+
+def _check_mode(mode):
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
+
+
+def _relu(x):
+  # Gradient 0 at exactly 0, like trax's `where(x <= 0, 0, x)`.  This matters:
+  # units switched off by the one-hot mask sit at exactly 0, and
+  # `jnp.maximum` would send half a gradient through them.
+  return jnp.where(x <= 0, jnp.zeros_like(x), x)
+
+
+def _gumbel(rng, shape):
+  """Gumbel(0, 1) noise from uniforms clipped to [1e-6, 1 - 1e-6], as trax."""
+  u = jax.random.uniform(rng, shape, jnp.float32, 1e-6, 1.0 - 1e-6)
+  return -jnp.log(-jnp.log(u))
+
+
+def _straight_through(one_hot, soft):
+  """Forward value `one_hot`, gradient of `soft` (arXiv 1801.09797, sec. 2.1)."""
+  return (jax.lax.stop_gradient(one_hot)
+          + soft - jax.lax.stop_gradient(soft))
+
+
+def _dropout(x, rate, shared_axes, rng):
+  """Inverted dropout of `x`; a mask axis in `shared_axes` has size 1."""
+  if rate == 0.0:
+    return x
+  mask_shape = list(x.shape)
+  for axis in shared_axes:
+    mask_shape[axis] = 1
+  keep = jax.random.bernoulli(rng, 1.0 - rate, tuple(mask_shape))
+  return x * (keep.astype(x.dtype) / (1.0 - rate))
+
+
+class SparseFF(base.Layer):
+  """Feed-forward block in which one unit in every block of N fires.
+
+  (..., d_model) -> (..., d_model); all leading axes are treated as rows.
+
+  With N = `n_elements_in_block` and d1 = d_ff / N blocks, for a row x:
+
+      logits = x @ m1 @ m2 + mb                        (d1, N), low rank
+      k      = argmax over N of logits                 one unit per block
+      h      = relu((x @ W1) * one_hot(k))             (d1, N), no first bias
+      y      = h @ W2 + b2                             (d_model,)
+
+  Train mode adds Gumbel noise of the given temperature before the argmax and
+  replaces one_hot(k) by its straight-through version (value one-hot,
+  gradient of softmax(logits)); in a `1 - quant_prob` share of the calls the
+  soft mask softmax(logits) itself is used instead.  Eval and predict take the
+  plain argmax.  Predict computes only the d1 chosen units per row, by
+  gathering their rows of W1 and W2 (see the module docstring for the rule).
+
+  Weights `(m1, m2, mb, w1, w2, b2)`:
+      m1 (d_model, d_lowrank), m2 (d_lowrank, d1, N), mb (d1, N),
+      w1 (d1, N, d_model), w2 (d1, N, d_model), b2 (d_model,).
+  State `(mask, {'running_second_time': ()})`: the int32 choice `k`
+  (rows, d1) of the last train-mode call.  When trax's reversible layers
+  recompute the forward pass they hand back the key 'running_second_time_yes'
+  and the layer reuses that saved choice (trax's `_RememberInReverse`).
+  Only train mode updates the state, so its shape stays fixed in decoding.
+  """
+
+  def __init__(self, d_ff, n_elements_in_block=32, d_lowrank=64,
+               temperature=0.1, quant_prob=0.3, use_bfloat16=False,
+               big_weights_in_bfloat16=False, mode='train',
+               kernel_initializer=init.GlorotUniformInitializer(),
+               bias_initializer=init.RandomNormalInitializer(1e-6),
+               dropout_rate=0.0, dropout_shared_axes=None, ff_chunk_size=0,
+               multiply_by_controller_output=False, kernel_scaling=False):
+    """Creates a sparse feed-forward layer.
+
+    Args:
+      d_ff: Number of hidden units.
+      n_elements_in_block: N, the block size; one unit per block fires.
+      d_lowrank: Inner width of the low-rank controller m1 @ m2.
+      temperature: Gumbel-noise scale in train mode (0 in other modes).
+      quant_prob: Share of train-mode calls that use the straight-through
+        one-hot mask; the others use the soft mask.
+      use_bfloat16: Keep all weights in bfloat16.
+      big_weights_in_bfloat16: Keep w1 and w2 in bfloat16.
+      mode: 'train', 'eval' or 'predict'.
+      kernel_initializer: Initializer of m1, m2, w1, w2 (called with the
+        trax shapes (d_model, d_lowrank), (d_lowrank, d_ff), (d_model, d_ff),
+        (d_ff, d_model)).
+      bias_initializer: Initializer of mb (d_ff,) and b2 (d_model,).
+      dropout_rate: Dropout rate on the output, train mode only.
+      dropout_shared_axes: Axes of the flattened (rows, d_model) output that
+        share a dropout mask.  As in trax the axes count after flattening:
+        0 is all rows, 1 is d_model.
+      ff_chunk_size: If > 0 and it divides the number of rows, compute the
+        rows in chunks of this size (rematerialised in training).
+      multiply_by_controller_output: Multiply each fired unit by the softmax
+        probability of its choice.
+      kernel_scaling: Multiply the initial w2 by sqrt(N).
+
+    Raises:
+      ValueError: if N does not divide d_ff, or mode is unknown.
+    """
+    super().__init__(name=f'SparseFF_{d_ff}')
+    _check_mode(mode)
+    if n_elements_in_block < 1 or d_ff % n_elements_in_block:
+      raise ValueError(
+          f'SparseFF: d_ff={d_ff} must be a multiple of n_elements_in_block='
+          f'{n_elements_in_block}; pick a d_ff divisible by the block size.')
+    self._d_ff = d_ff
+    self._n = n_elements_in_block
+    self._d1 = d_ff // n_elements_in_block
+    self._d_lowrank = d_lowrank
+    self._temperature = temperature if mode == 'train' else 0.0
+    self._quant_prob = quant_prob
+    self._use_bfloat16 = use_bfloat16
+    self._big_weights_in_bfloat16 = big_weights_in_bfloat16
+    self._mode = mode
+    self._kernel_initializer = kernel_initializer
+    self._bias_initializer = bias_initializer
+    self._dropout_rate = dropout_rate
+    self._dropout_shared_axes = tuple(dropout_shared_axes or ())
+    self._ff_chunk_size = ff_chunk_size
+    self._multiply = multiply_by_controller_output
+    self._kernel_scaling = kernel_scaling
+
+  def init_weights_and_state(self, input_signature):
+    """Initialises weights as trax does (shapes in the class docstring)."""
+    d_model = input_signature.shape[-1]
+    rows = 1
+    for d in input_signature.shape[:-1]:
+      rows *= d
+    r_m1, r_m2, r_mb, r_w1, r_w2, r_b2 = jax.random.split(self.rng, 6)
+    kinit, binit = self._kernel_initializer, self._bias_initializer
+    m1 = kinit((d_model, self._d_lowrank), r_m1)
+    m2 = kinit((self._d_lowrank, self._d_ff), r_m2)
+    mb = binit((self._d_ff,), r_mb)
+    w1 = kinit((d_model, self._d_ff), r_w1)
+    w2 = kinit((self._d_ff, d_model), r_w2)
+    b2 = binit((d_model,), r_b2)
+    if self._use_bfloat16:
+      m1, m2, mb, b2 = (a.astype(jnp.bfloat16) for a in (m1, m2, mb, b2))
+    if self._use_bfloat16 or self._big_weights_in_bfloat16:
+      w1, w2 = w1.astype(jnp.bfloat16), w2.astype(jnp.bfloat16)
+    m2 = jnp.reshape(m2, (self._d_lowrank, self._d1, self._n))
+    mb = jnp.reshape(mb, (self._d1, self._n))
+    w1 = jnp.transpose(jnp.reshape(w1, (d_model, self._d1, self._n)), (1, 2, 0))
+    w2 = jnp.reshape(w2, (self._d1, self._n, d_model))
+    if self._kernel_scaling:
+      w2 = w2 * (self._n ** 0.5)  # output variance independent of N
+    self.weights = (m1, m2, mb, w1, w2, b2)
+    self.state = (jnp.zeros((rows, self._d1), jnp.int32), {_FIRST_PASS: ()})
+
+  def forward(self, x):
+    """(..., d_model) -> (..., d_model)."""
+    shape = x.shape
+    x = jnp.reshape(x, (-1, shape[-1]))
+    rows = x.shape[0]
+    train = self._mode == 'train'
+    recalled = None
+    if train and _SECOND_PASS in self.state[1]:
+      recalled = self.state[0]
+    rng = self.rng if train else jax.random.PRNGKey(0)  # unused outside train
+
+    size = self._ff_chunk_size
+    if 0 < size < rows and rows % size == 0:
+      n_chunks = rows // size
+      chunk = lambda a: jnp.reshape(a, (n_chunks, size) + a.shape[1:])
+      def one_chunk(args):
+        xc, rc, i = args
+        return self._rows(xc, rc, jax.random.fold_in(rng, i))
+      if train:
+        one_chunk = jax.checkpoint(one_chunk)
+      y, mask = jax.lax.map(
+          one_chunk,
+          (chunk(x), None if recalled is None else chunk(recalled),
+           jnp.arange(n_chunks)))
+      y, mask = jnp.reshape(y, (rows, -1)), jnp.reshape(mask, (rows, -1))
+    else:
+      y, mask = self._rows(x, recalled, rng)
+
+    if train:
+      self.state = (mask.astype(jnp.int32), {_FIRST_PASS: ()})
+    return jnp.reshape(y, shape)
+
+  def _rows(self, x, recalled, rng):
+    """(rows, d_model) -> ((rows, d_model), chosen units (rows, d1) int32)."""
+    m1, m2, mb, w1, w2, b2 = self.weights
+    r_gumbel, r_select, r_dropout = jax.random.split(rng, 3)
+    logits = jnp.einsum('bd,dl,lxy->bxy', x, m1, m2) + mb  # (rows, d1, N)
+    soft = None
+    if self._mode == 'train' or self._multiply:
+      log_soft = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+      soft = jnp.exp(log_soft)
+      if self._temperature == 0.0:
+        choice = jnp.argmax(log_soft, axis=-1)
+      else:
+        noise = _gumbel(r_gumbel, soft.shape) * self._temperature
+        choice = jnp.argmax(log_soft + noise, axis=-1)
+    else:
+      choice = jnp.argmax(logits, axis=-1)
+    if recalled is not None:
+      choice = recalled
+
+    if self._mode == 'predict' and x.shape[0] < self._n:
+      # Gather the chosen unit of every block: (rows, d1, d_model) each.
+      blocks = jnp.arange(self._d1)
+      w1_rows, w2_rows = w1[blocks, choice], w2[blocks, choice]
+      h = _relu(jnp.einsum('bd,bxd->bx', x, w1_rows))
+      if self._multiply:
+        h = h * jnp.take_along_axis(soft, choice[..., None], -1)[..., 0]
+      y = jnp.einsum('bx,bxd->bd', h, w2_rows) + b2
+    else:
+      one_hot = jax.nn.one_hot(choice, self._n, dtype=logits.dtype)
+      if self._mode == 'train':
+        use_hard = jax.random.uniform(r_select, ()) < self._quant_prob
+        gate = jnp.where(use_hard, _straight_through(one_hot, soft), soft)
+      else:
+        gate = one_hot
+      h = _relu(jnp.einsum('bd,xyd->bxy', x, w1) * gate)
+      if self._multiply:
+        if self._mode == 'train':
+          # The soft mask already scales h; the hard one gets the probability
+          # as a constant (its gradient flows straight through `gate`).
+          h = h * jax.lax.stop_gradient(
+              jnp.where(use_hard, soft, jnp.ones_like(soft)))
+        else:
+          h = h * soft
+      y = jnp.einsum('bxy,xyd->bd', h, w2) + b2
+
+    if self._mode == 'train':
+      y = _dropout(y, self._dropout_rate, self._dropout_shared_axes, r_dropout)
+    return y, choice.astype(jnp.int32)
+
+
+class BlockSparseFF(base.Layer):
+  """Feed-forward block in which one contiguous block of units fires.
+
+  (..., d_model) -> (..., d_model); all leading axes are treated as rows.
+
+  With E = `n_experts` blocks of B = d_ff / E units, for a row x:
+
+      e = argmax(x @ m1)                               one block, no bias
+      h = relu((x @ W1) * expand(one_hot(e), B))       (d_ff,), no first bias
+      y = h @ W2 + b2                                  (d_model,)
+
+  Train mode adds Gumbel noise of the given temperature before the argmax and
+  in half of the calls (fixed, as in trax) uses the straight-through one-hot
+  (value one-hot, gradient of softmax(x @ m1)); the other half uses the soft
+  mask.  Eval and predict take the plain argmax.  Predict with fewer rows
+  than E computes only the chosen block of every row, by gathering its B
+  columns of W1 and B rows of W2.
+
+  Weights `(m1, w1, w2, b2)`, the trax layout: m1 (d_model, E),
+  w1 (d_model, d_ff), w2 (d_ff, d_model), b2 (d_model,).  No state.
+  """
+
+  def __init__(self, d_ff, n_experts=64, temperature=0.7, mode='train',
+               kernel_initializer=init.GlorotUniformInitializer(),
+               bias_initializer=init.RandomNormalInitializer(1e-6)):
+    """Creates a block-sparse feed-forward layer.
+
+    Args:
+      d_ff: Number of hidden units.
+      n_experts: Number of blocks E; one block fires per row.
+      temperature: Gumbel-noise scale in train mode (0 in other modes).
+      mode: 'train', 'eval' or 'predict'.
+      kernel_initializer: Initializer of m1, w1 and w2.
+      bias_initializer: Initializer of b2.
+
+    Raises:
+      ValueError: if n_experts does not divide d_ff, or mode is unknown.
+    """
+    super().__init__(name=f'BlockSparseFF_{d_ff}')
+    _check_mode(mode)
+    if n_experts < 1 or d_ff % n_experts:
+      raise ValueError(
+          f'BlockSparseFF: d_ff={d_ff} must be a multiple of n_experts='
+          f'{n_experts}; pick a d_ff divisible by the number of experts.')
+    self._d_ff = d_ff
+    self._n_experts = n_experts
+    self._block = d_ff // n_experts
+    self._temperature = temperature if mode == 'train' else 0.0
+    self._mode = mode
+    self._kernel_initializer = kernel_initializer
+    self._bias_initializer = bias_initializer
+
+  def init_weights_and_state(self, input_signature):
+    """Initialises weights as trax does (shapes in the class docstring)."""
+    d_model = input_signature.shape[-1]
+    r_m1, r_w1, r_w2, r_b2 = jax.random.split(self.rng, 4)
+    kinit = self._kernel_initializer
+    self.weights = (kinit((d_model, self._n_experts), r_m1),
+                    kinit((d_model, self._d_ff), r_w1),
+                    kinit((self._d_ff, d_model), r_w2),
+                    self._bias_initializer((d_model,), r_b2))
+
+  def _use_quantized(self, rng):
+    """Whether this train-mode call uses the straight-through one-hot mask."""
+    return jax.random.uniform(rng, ()) < 0.5
+
+  def forward(self, x):
+    """(..., d_model) -> (..., d_model)."""
+    m1, w1, w2, b2 = self.weights
+    shape = x.shape
+    x = jnp.reshape(x, (-1, shape[-1]))
+    rows = x.shape[0]
+    logits = jnp.dot(x, m1)  # (rows, E)
+    log_soft = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    soft = jnp.exp(log_soft)
+
+    if self._mode == 'train':
+      r_gumbel, r_select = jax.random.split(self.rng)
+      noise = _gumbel(r_gumbel, soft.shape) * self._temperature
+      expert = jnp.argmax(log_soft + noise, axis=-1)
+      one_hot = jax.nn.one_hot(expert, self._n_experts, dtype=soft.dtype)
+      gate = jnp.where(self._use_quantized(r_select),
+                       _straight_through(one_hot, soft), soft)
+    else:
+      expert = jnp.argmax(log_soft, axis=-1)
+      gate = jax.nn.one_hot(expert, self._n_experts, dtype=soft.dtype)
+
+    if self._mode == 'predict' and rows < self._n_experts:
+      d_model = x.shape[-1]
+      w1_cols = jnp.take(  # (d_model, rows, B)
+          jnp.reshape(w1, (d_model, self._n_experts, self._block)), expert, 1)
+      w2_rows = jnp.take(  # (rows, B, d_model)
+          jnp.reshape(w2, (self._n_experts, self._block, d_model)), expert, 0)
+      h = _relu(jnp.einsum('bd,dbk->bk', x, w1_cols))
+      y = jnp.einsum('bk,bkd->bd', h, w2_rows) + b2
+    else:
+      gate = jnp.repeat(gate, self._block, axis=-1)  # (rows, d_ff)
+      h = _relu(jnp.dot(x, w1) * gate)
+      y = jnp.dot(h, w2) + b2
+    return jnp.reshape(y, shape)
+
+
+def weights_from_trax(trax_layer, weights=None):
+  """Maps the weights of a trax sparse FF layer onto the matching layer here.
+
+  Args:
+    trax_layer: An initialised `trax.layers.research.sparsity.SparseFF(...)`
+      (the combinator tree it returns) or `BlockSparseFF`.
+    weights: Optional pytree shaped like `trax_layer.weights` to convert
+      instead of the layer's own weights (gradients, optimizer slots).
+
+  Returns:
+    For `SparseFF`: `(m1, m2, mb, w1, w2, b2)` for `SparseFF` here.  m1, m2,
+    mb, b2 are unchanged; w1 goes from trax's (d_model, d1, N) to
+    (d1, N, d_model) and w2 from trax's (N, d1, d_model) to (d1, N, d_model),
+    both plain transposes, so dtypes and values are kept exactly.
+    For `BlockSparseFF`: `(m1, w1, w2, b2)`, unchanged (same layout).
+
+  Raises:
+    ValueError: if `trax_layer` is neither of the two.
+  """
+  from trax.layers.research import sparsity  # pylint: disable=g-import-not-at-top
+  if weights is None:
+    weights = trax_layer.weights
+  if isinstance(trax_layer, sparsity.BlockSparseFF):
+    return tuple(weights)
+  found = {}
+  def walk(layer, w):
+    if isinstance(layer, (sparsity._SparseFFController,  # pylint: disable=protected-access
+                          sparsity._SparseFFMain)):  # pylint: disable=protected-access
+      found[type(layer).__name__] = w
+    for sub, sub_w in zip(layer.sublayers, w):
+      walk(sub, sub_w)
+  walk(trax_layer, weights)
+  if set(found) != {'_SparseFFController', '_SparseFFMain'}:
+    raise ValueError(
+        f'weights_from_trax: {trax_layer.name} is neither trax SparseFF nor '
+        'BlockSparseFF; pass a layer built by trax.layers.research.sparsity.')
+  m1, m2, mb = found['_SparseFFController']
+  w1, w2, b2 = found['_SparseFFMain']
+  return (m1, m2, mb, jnp.transpose(w1, (1, 2, 0)),
+          jnp.transpose(w2, (1, 0, 2)), b2)

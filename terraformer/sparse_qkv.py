@@ -1,0 +1,485 @@
+"""Sparse QKV attention and the sparse loss projection, as Trax layers.
+
+"Sparse is Enough in Scaling Transformers" (Jaszczur et al., 2021) replaces
+the dense Q, K, V (and optionally output) projections of attention with
+
+    m = FactoredDense(x)              one "multiplicative" layer shared by Q, K, V
+    q = LocallyConvDense_3(m)         conv over (length, module), kernel (L_k, 3)
+    k = LocallyConvDense_3(m)         same, own weights (or q itself if share_qk)
+    v = LocallyConvDense_1(concat(m, x))   kernel (L_k, 1)
+    y = output_layers(MergeHeads(CausalAttention(q, k, v)))
+
+and the final projection to the vocabulary with the same FactoredDense
+("loss sparsity").  Shapes: S = sparsity (number of modules), M = d / S.
+
+    FactoredDense        (..., d_in) -> (..., d_out)
+        y[..., s, m] = sum_i x[..., i] * D[s, i] * E[i, m] + b[s * M + m]
+    LocallyConvDense     (batch, length, d_in) -> (batch, length, S * n_units)
+        the input viewed as (batch, length, S, d_in / S) goes through a 2-D
+        convolution with kernel (length_kernel_size, kernel_size) whose
+        weights are shared by all modules; zero padding around the module
+        axis, causal zero padding (or, in 'predict' mode, the remembered last
+        length_kernel_size - 1 inputs) in front of the length axis.
+
+The layers take the constructor arguments and defaults of trax's reference
+(`trax.layers.research.sparsity`) and compute the same function; with
+`weights_from_trax` the weights of an initialised reference layer load onto
+ours, and tests/test_sparse_qkv.py checks eval and predict outputs to 1e-5.
+Two behaviours of the reference are kept on purpose, because checkpoints
+depend on them: with one module (sparsity 1) LocallyConvDense is a plain
+position-wise Dense (kernel and length-kernel sizes are ignored, so nothing
+is convolved over the length), and `output_layer_type='none'` (the default)
+applies no output projection at all.
+"""
+
+import jax
+from jax import numpy as jnp
+from trax import fastmath
+from trax import layers as tl
+from trax.layers import base
+from trax.layers import initializers as init
+
+MODES = ('train', 'eval', 'predict')
+OUTPUT_LAYER_TYPES = ('none', 'mult', 'conv', 'multconv')
+V_CONCAT_TYPES = ('original', 'fixed', 'none')
+SPARSITY_TYPES = (None, 'None', 'mult', 'lowrank', 'einsum', 'local', 'local3')
+
+
+def _check_positive_int(name, value):
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f'{name} must be a positive integer, not {value!r}.')
+
+
+def _check_mode(mode):
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, not {mode!r}.')
+
+
+class FactoredDense(base.Layer):
+  """A Dense-like layer with about 1/n_modules of Dense's weights.
+
+  (..., d_in) -> (..., d_out).  Each input vector is gated (multiplied
+  elementwise) by n_modules learned vectors, each gated copy is projected by
+  one shared matrix to d_out / n_modules, and the n_modules results are
+  concatenated:
+
+      y[..., s, m] = sum_i x[..., i] * D[s, i] * E[i, m],   then (+ b)
+
+  Weights: (D [n_modules, d_in] ~ N(0, 0.5^2), E [d_in, d_out / n_modules]
+  Glorot-uniform, b [d_out] ~ N(0, 1e-6^2)), without b if not use_bias;
+  the same arrays, in the same order, as trax's `FactoredDense`.
+  d_in=None takes the width of the input (trax requires it).
+  """
+
+  def __init__(self, n_modules, d_in, d_out, use_bias=True,
+               use_bfloat16=False):
+    super().__init__(name=f'FactoredDense_{n_modules}_{d_out}')
+    _check_positive_int('FactoredDense n_modules', n_modules)
+    _check_positive_int('FactoredDense d_out', d_out)
+    if d_in is not None:
+      _check_positive_int('FactoredDense d_in', d_in)
+    if d_out % n_modules:
+      raise ValueError(f'FactoredDense: d_out ({d_out}) must be a multiple of '
+                       f'n_modules ({n_modules}); change one of them.')
+    self._n_modules = n_modules
+    self._d_in = d_in
+    self._d_out = d_out
+    self._use_bias = use_bias
+    self._use_bfloat16 = use_bfloat16
+
+  def forward(self, x):
+    if self._use_bias:
+      gating, projection, bias = self.weights
+    else:
+      gating, projection = self.weights
+    y = jnp.einsum('...i,si,im->...sm', x, gating, projection)
+    y = jnp.reshape(y, y.shape[:-2] + (self._d_out,))
+    if self._use_bias:
+      y = y + bias
+    return y
+
+  def init_weights_and_state(self, input_signature):
+    d_in = input_signature.shape[-1]
+    if self._d_in is not None and d_in != self._d_in:
+      raise ValueError(f'FactoredDense was built for inputs of width '
+                       f'{self._d_in} but got width {d_in}; pass d_in={d_in}.')
+    rng_gate, rng_proj, rng_bias = fastmath.random.split(self.rng, 3)
+    d_module = self._d_out // self._n_modules
+    dtype = jnp.bfloat16 if self._use_bfloat16 else jnp.float32
+    weights = [
+        init.RandomNormalInitializer(stddev=0.5)(
+            (self._n_modules, d_in), rng_gate),
+        init.GlorotUniformInitializer()((d_in, d_module), rng_proj),
+    ]
+    if self._use_bias:
+      weights.append(init.RandomNormalInitializer(1e-6)((self._d_out,),
+                                                         rng_bias))
+    self.weights = tuple(w.astype(dtype) for w in weights)
+
+
+class LocallyConvDense(base.Layer):
+  """A causal convolution over (length, module): a cheap Dense replacement.
+
+  (batch, length, d_in) -> (batch, length, n_modules * n_units).  The input
+  is viewed as (batch, length, n_modules, d_in / n_modules); one kernel
+  K [length_kernel_size, kernel_size, d_in / n_modules, n_units] (and bias
+  b [n_units]) is shared by all modules:
+
+      y[t, s, :] = b + sum_{a, c} x[t - a, s + c - (kernel_size - 1) / 2, :]
+                               @ K[length_kernel_size - 1 - a, c]
+
+  with zeros outside the module range and before position 0.  In 'predict'
+  mode the state holds the last length_kernel_size - 1 inputs,
+  (batch, length_kernel_size - 1, d_in), so calls of any length (one token,
+  or a prefill) continue the sequence exactly as 'eval' mode would compute it.
+
+  With n_modules == 1 the layer is a position-wise Dense(n_units), exactly
+  like trax's reference: kernel_size and length_kernel_size are ignored and
+  the kernel, kept as [1, 1, d_in, n_units], is initialised Glorot-uniform
+  instead of Glorot-normal.
+  """
+
+  def __init__(self, n_modules, n_units, mode, kernel_size=1,
+               length_kernel_size=1):
+    super().__init__(name=f'LocallyConvDense_{n_modules}_{n_units}')
+    _check_positive_int('LocallyConvDense n_modules', n_modules)
+    _check_positive_int('LocallyConvDense n_units', n_units)
+    _check_positive_int('LocallyConvDense kernel_size', kernel_size)
+    _check_positive_int('LocallyConvDense length_kernel_size',
+                        length_kernel_size)
+    if kernel_size % 2 != 1:
+      raise ValueError(f'LocallyConvDense kernel_size must be odd (the module '
+                       f'axis is padded symmetrically), not {kernel_size}.')
+    _check_mode(mode)
+    self._n_modules = n_modules
+    self._n_units = n_units
+    self._mode = mode
+    if n_modules == 1:
+      self._kernel_shape = (1, 1)
+    else:
+      self._kernel_shape = (length_kernel_size, kernel_size)
+
+  @property
+  def n_modules(self):
+    return self._n_modules
+
+  @property
+  def n_remembered(self):
+    """How many past positions the layer sees: length_kernel_size - 1."""
+    return self._kernel_shape[0] - 1
+
+  def forward(self, x):
+    kernel, bias = self.weights
+    batch, length, d_in = x.shape
+    n_past = self.n_remembered
+    if n_past:
+      if self._mode == 'predict':
+        x = jnp.concatenate([self.state.astype(x.dtype), x], axis=1)
+        self.state = x[:, -n_past:].astype(self.state.dtype)
+      else:
+        x = jnp.pad(x, ((0, 0), (n_past, 0), (0, 0)))
+    x = jnp.reshape(x, (batch, length + n_past, self._n_modules,
+                        d_in // self._n_modules))
+    half = (self._kernel_shape[1] - 1) // 2
+    if half:
+      x = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding='VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = y + bias
+    return jnp.reshape(y, (batch, length, self._n_modules * self._n_units))
+
+  def init_weights_and_state(self, input_signature):
+    if len(input_signature.shape) != 3:
+      raise ValueError(f'LocallyConvDense takes (batch, length, d) inputs, '
+                       f'not shape {tuple(input_signature.shape)}.')
+    batch, _, d_in = input_signature.shape
+    if d_in % self._n_modules:
+      raise ValueError(f'LocallyConvDense: the input width ({d_in}) must be a '
+                       f'multiple of n_modules ({self._n_modules}).')
+    rng_kernel, rng_bias = fastmath.random.split(self.rng, 2)
+    d_module_in = d_in // self._n_modules
+    if self._n_modules == 1:
+      kernel = init.GlorotUniformInitializer()((d_in, self._n_units),
+                                               rng_kernel)
+      kernel = jnp.reshape(kernel, (1, 1, d_in, self._n_units))
+    else:
+      # Conv-kernel fans as trax's tl.Conv computes them (HWIO: O=3, I=2).
+      kernel = init.GlorotNormalInitializer(3, 2)(
+          self._kernel_shape + (d_module_in, self._n_units), rng_kernel)
+    bias = init.RandomNormalInitializer(1e-6)((self._n_units,), rng_bias)
+    self.weights = (kernel, bias)
+    if self._mode == 'predict' and self.n_remembered:
+      self.state = jnp.zeros((batch, self.n_remembered, d_in),
+                             input_signature.dtype)
+
+
+def _ConcatForV(v_concat_type, sparsity):
+  """(m, x) -> the input of the V convolution.
+
+  'none': m, (batch, length, d).  'original': [m, x] on the last axis,
+  (batch, length, 2d).  'fixed': per module, [m_s, x_s], (batch, length, 2d),
+  so module s of the V conv sees both halves of its own slice.
+  """
+  if v_concat_type == 'none':
+    return tl.Select([0], n_in=2)
+  if v_concat_type == 'original':
+    return tl.Concatenate(n_items=2)
+
+  def concat_per_module(m, x):
+    split = lambda a: jnp.reshape(a, a.shape[:-1] + (sparsity, -1))
+    both = jnp.concatenate([split(m), split(x)], axis=-1)
+    return jnp.reshape(both, both.shape[:-2] + (-1,))
+  return tl.Fn('ConcatPerModule', concat_per_module)
+
+
+def MultiplicativeConvCausalAttention(
+    d_feature, n_heads=1, sparsity=None, length_kernel_size=3, dropout=0.0,
+    force_no_dropout=False, max_inference_length=2048, share_qk=False,
+    output_layer_type='none', v_concat_type='none', mode='train'):
+  """Causal self-attention with sparse (multiplicative + conv) Q, K, V.
+
+  (batch, length, d_feature) -> (batch, length, d_feature).
+
+  Args:
+    d_feature: width of the activations.
+    n_heads: attention heads; must divide d_feature.
+    sparsity: number of modules S (default n_heads); must divide d_feature.
+    length_kernel_size: causal kernel size over the length axis (>= 1).
+    dropout: attention-weights dropout rate, in 'train' mode only.
+    force_no_dropout: if True, dropout is 0 whatever `dropout` says.
+    max_inference_length: size of the key/value cache in 'predict' mode.
+    share_qk: one convolution computes both queries and keys.
+    output_layer_type: after attention: 'none' (nothing), 'mult'
+      (FactoredDense), 'conv' (LocallyConvDense, kernel 3) or 'multconv'
+      (both, in that order).
+    v_concat_type: input of the V convolution: 'none' (the shared
+      multiplicative output m), 'original' ([m, x]) or 'fixed' ([m_s, x_s]
+      per module).
+    mode: 'train', 'eval' or 'predict'.
+
+  Returns:
+    A layer; its weights are, in order: the shared FactoredDense, the Q conv,
+    the K conv (absent if share_qk), the V conv, then the output layers.
+  """
+  _check_positive_int('d_feature', d_feature)
+  _check_positive_int('n_heads', n_heads)
+  sparsity = n_heads if sparsity is None else sparsity
+  _check_positive_int('sparsity', sparsity)
+  _check_positive_int('length_kernel_size', length_kernel_size)
+  _check_mode(mode)
+  if d_feature % sparsity:
+    raise ValueError(f'd_feature ({d_feature}) must be a multiple of sparsity '
+                     f'({sparsity}); change one of them.')
+  if d_feature % n_heads:
+    raise ValueError(f'd_feature ({d_feature}) must be a multiple of n_heads '
+                     f'({n_heads}); change one of them.')
+  if output_layer_type not in OUTPUT_LAYER_TYPES:
+    raise ValueError(f'output_layer_type must be one of {OUTPUT_LAYER_TYPES}, '
+                     f'not {output_layer_type!r}.')
+  if v_concat_type not in V_CONCAT_TYPES:
+    raise ValueError(f'v_concat_type must be one of {V_CONCAT_TYPES}, '
+                     f'not {v_concat_type!r}.')
+  dropout = 0.0 if force_no_dropout else dropout
+  d_module = d_feature // sparsity
+
+  def conv(kernel_size):
+    return LocallyConvDense(sparsity, d_module, mode, kernel_size=kernel_size,
+                            length_kernel_size=length_kernel_size)
+
+  def qk_branch():  # m -> q (or k) split into heads
+    return [conv(3), tl.SplitIntoHeads(n_heads)]
+
+  v_branch = [_ConcatForV(v_concat_type, sparsity), conv(1),  # m, x -> v
+              tl.SplitIntoHeads(n_heads)]
+  if share_qk:
+    qkv = [tl.Branch(qk_branch(), v_branch), tl.Select([0, 0, 1])]
+  else:
+    qkv = tl.Branch(qk_branch(), qk_branch(), v_branch)
+
+  output_layers = []
+  if 'mult' in output_layer_type:
+    output_layers.append(FactoredDense(sparsity, d_feature, d_feature))
+  if 'conv' in output_layer_type:
+    output_layers.append(conv(3))
+
+  return tl.Serial(
+      tl.Branch(FactoredDense(sparsity, d_feature, d_feature), None),  # m, x
+      qkv,                                                             # q, k, v
+      tl.DotProductCausalAttention(
+          dropout=dropout, max_inference_length=max_inference_length,
+          mode=mode),
+      tl.MergeHeads(n_heads),
+      output_layers,
+  )
+
+
+class EinsumDense(base.Layer):
+  """Dense with the kernel stored transposed, as trax's 'einsum' loss layer.
+
+  (..., d_input) -> (..., d_output); weights (W [d_output, d_input]
+  Glorot-uniform, b [d_output] ~ N(0, 1e-6^2)) or (W,) without bias.
+  """
+
+  def __init__(self, d_input, d_output, use_bias=True):
+    super().__init__(name=f'EinsumDense_{d_output}')
+    self._d_input = d_input
+    self._d_output = d_output
+    self._use_bias = use_bias
+
+  def forward(self, x):
+    kernel = self.weights[0]
+    y = jnp.einsum('oi,...i->...o', kernel, x)
+    return y + self.weights[1] if self._use_bias else y
+
+  def init_weights_and_state(self, input_signature):
+    d_input = input_signature.shape[-1]
+    if self._d_input is not None and d_input != self._d_input:
+      raise ValueError(f'EinsumDense was built for inputs of width '
+                       f'{self._d_input} but got width {d_input}.')
+    rng_kernel, rng_bias = fastmath.random.split(self.rng, 2)
+    weights = (init.GlorotUniformInitializer()((self._d_output, d_input),
+                                               rng_kernel),)
+    if self._use_bias:
+      weights += (init.RandomNormalInitializer(1e-6)((self._d_output,),
+                                                     rng_bias),)
+    self.weights = weights
+
+
+def _LocallyConnectedDense(n_modules, n_units, kernel_size):
+  """(..., d) -> (..., n_modules * n_units): per-module weights, wrap padding."""
+  if n_modules == 1:
+    return tl.Dense(n_units)
+  return tl.Serial(
+      tl.Fn('SplitModules',
+            lambda x: jnp.reshape(x, x.shape[:-1] + (n_modules, -1))),
+      tl.LocallyConnected1d(n_units, kernel_size, padding='WRAP'),
+      tl.Fn('MergeModules', lambda x: jnp.reshape(x, x.shape[:-2] + (-1,))),
+  )
+
+
+def SparseDenseWithOptions(n_units, d_input=None, sparsity_type=None,
+                           sparsity=0, d_lowrank=None, prob_sparse=None,
+                           mode=None, use_bias=True, use_bfloat16=False):
+  """The (possibly sparse) projection to the vocabulary: the "sparse loss".
+
+  (..., d_input) -> (..., n_units).  Terraformer builds it with
+  sparsity_type='mult' and sparsity=loss_sparsity, i.e.
+  FactoredDense(sparsity, d_input, n_units); loss_sparsity=0 gives Dense.
+
+  Args:
+    n_units: output width (the vocabulary size).
+    d_input: input width (None: taken from the input).
+    sparsity_type: None/'None' (Dense), 'mult' (FactoredDense), 'lowrank'
+      (Dense(d_lowrank) -> Dense(n_units)), 'einsum' (Dense with a transposed
+      kernel), 'local' / 'local3' (locally connected, kernel 1 / 3, modules of
+      n_units / sparsity).
+    sparsity: number of modules; 0 means Dense whatever sparsity_type says.
+    d_lowrank: inner width for 'lowrank'.
+    prob_sparse: if given, each call in 'train' mode (or mode=None) uses the
+      sparse layer with this probability and a separate Dense otherwise; in
+      'eval' and 'predict' the sparse layer is always used.
+    mode: 'train', 'eval', 'predict' or None.
+    use_bias: add a bias ('lowrank', 'local', 'local3' require it).
+    use_bfloat16: bfloat16 weights (only for Dense and 'mult').
+  """
+  if sparsity_type not in SPARSITY_TYPES:
+    raise ValueError(f'sparsity_type must be one of {SPARSITY_TYPES}, '
+                     f'not {sparsity_type!r}.')
+  if mode is not None:
+    _check_mode(mode)
+  if prob_sparse is not None:
+    if mode is not None and mode != 'train':
+      prob_sparse = 1.0
+    sparse = SparseDenseWithOptions(
+        n_units, d_input, sparsity_type, sparsity, d_lowrank,
+        use_bias=use_bias, use_bfloat16=use_bfloat16)
+    dense = tl.Dense(n_units, use_bias=use_bias, use_bfloat16=use_bfloat16)
+    use_sparse = tl.Serial(
+        tl.RandomUniform(),
+        tl.Fn('BelowProbSparse', lambda u: u < prob_sparse))
+    return tl.Cond(use_sparse, sparse, dense)
+
+  if sparsity_type in (None, 'None') or sparsity == 0:
+    return tl.Dense(n_units, use_bias=use_bias, use_bfloat16=use_bfloat16)
+  _check_positive_int('sparsity', sparsity)
+  if sparsity_type == 'mult':
+    return FactoredDense(sparsity, d_input, n_units, use_bias=use_bias,
+                         use_bfloat16=use_bfloat16)
+  if use_bfloat16:
+    raise ValueError(f'use_bfloat16 works only with sparsity_type None or '
+                     f'"mult", not {sparsity_type!r}.')
+  if not use_bias and sparsity_type != 'einsum':
+    raise ValueError(f'sparsity_type {sparsity_type!r} needs use_bias=True.')
+  if sparsity_type == 'lowrank':
+    _check_positive_int('d_lowrank', d_lowrank)
+    return tl.Serial(tl.Dense(d_lowrank), tl.Dense(n_units))
+  if sparsity_type == 'einsum':
+    return EinsumDense(d_input, n_units, use_bias=use_bias)
+  if n_units % sparsity:
+    raise ValueError(f'n_units ({n_units}) must be a multiple of sparsity '
+                     f'({sparsity}) for sparsity_type {sparsity_type!r}.')
+  kernel_size = 3 if sparsity_type == 'local3' else 1
+  return _LocallyConnectedDense(sparsity, n_units // sparsity, kernel_size)
+
+
+def weights_from_trax(trax_weights, layer):
+  """Maps the weights of trax's reference layer onto `layer` (ours).
+
+  `trax_weights` is an initialised reference layer from
+  `trax.layers.research.sparsity` (FactoredDense, LocallyConvDense,
+  MultiplicativeConvCausalAttention, SparseDenseWithOptions), built with the
+  same arguments as `layer`, or its `.weights`.  `layer` must be initialised
+  with the same input signature.  Returns weights for `layer` (assign them to
+  `layer.weights` or pass them to `layer.pure_fn`); works for any mode.
+
+  The mapping: both trees list their arrays in the same order (the order in
+  which the layers run; in the attention: shared FactoredDense, Q conv, K
+  conv, V conv, output layers), so the reference's non-empty arrays are
+  consumed in order by our weight-owning layers:
+    - FactoredDense: (gating, projection[, bias]) unchanged;
+    - LocallyConvDense: the tl.Conv (kernel [Lk, k, Cin, M], bias [M])
+      unchanged, or, for one module, tl.Dense's kernel [Cin, M] reshaped
+      to [1, 1, Cin, M];
+    - any other layer (tl.Dense, tl.LocallyConnected1d, EinsumDense):
+      its arrays unchanged.
+  Every array's shape is checked; a mismatch or a leftover array raises
+  ValueError naming the layer.
+  """
+  if isinstance(trax_weights, base.Layer):
+    trax_weights = trax_weights.weights
+  arrays = list(jax.tree_util.tree_leaves(trax_weights))
+  position = [0]
+
+  def take(owner, expected_shape, allow_shape=None):
+    if position[0] >= len(arrays):
+      raise ValueError(f'The trax weights ran out at {owner.name}: they do not '
+                       f'come from a layer built like ours.')
+    array = jnp.asarray(arrays[position[0]])
+    position[0] += 1
+    if array.shape == tuple(expected_shape):
+      return array
+    if allow_shape is not None and array.shape == tuple(allow_shape):
+      return jnp.reshape(array, expected_shape)
+    raise ValueError(f'{owner.name} expects an array of shape '
+                     f'{tuple(expected_shape)} but the trax weights give '
+                     f'{array.shape}; build both layers with the same '
+                     f'arguments and input shape.')
+
+  def convert(sub):
+    if isinstance(sub, LocallyConvDense):
+      kernel, bias = sub.weights
+      dense_shape = kernel.shape[2:] if sub.n_modules == 1 else None
+      return (take(sub, kernel.shape, dense_shape).astype(kernel.dtype),
+              take(sub, bias.shape).astype(bias.dtype))
+    if sub.sublayers:
+      return tuple(convert(s) for s in sub.sublayers)
+    own, treedef = jax.tree_util.tree_flatten(sub.weights)
+    return jax.tree_util.tree_unflatten(
+        treedef, [take(sub, w.shape).astype(w.dtype) for w in own])
+
+  converted = convert(layer)
+  if position[0] != len(arrays):
+    raise ValueError(f'{len(arrays) - position[0]} trax arrays are left over '
+                     f'after filling {layer.name}: the layers differ.')
+  return converted
