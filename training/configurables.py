@@ -10,5 +10,6 @@ import trax.layers
 import trax.optimizers
 import trax.supervised.lr_schedules
 
+import primer_trax.layers
 import training.model
 import training.run

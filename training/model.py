@@ -130,16 +130,21 @@ class CausalDotProductAttention(base.Layer):
                     jnp.zeros((), jnp.int32))
 
 
-def CausalSelfAttention(d_model, n_heads, max_len=2048, mode='train'):
+def CausalSelfAttention(d_model, n_heads, max_len=2048, mode='train',
+                        qkv_layer=None):
   """Fused QKV projection, causal attention, output projection.
 
-  (batch, length, d_model) -> (batch, length, d_model).
+  (batch, length, d_model) -> (batch, length, d_model).  `qkv_layer`, if
+  given, is called as qkv_layer(mode=mode) and the layer it returns is applied
+  to the fused (batch, length, 3 * d_model) projections [Q | K | V] before the
+  attention (e.g. Primer's depthwise convolution).
   """
   if d_model % n_heads:
     raise ValueError(f'd_model ({d_model}) must be a multiple of n_heads '
                      f'({n_heads}); change one of them.')
   return tl.Serial(
       tl.Dense(3 * d_model),
+      [] if qkv_layer is None else qkv_layer(mode=mode),
       CausalDotProductAttention(n_heads, max_len=max_len, mode=mode),
       tl.Dense(d_model),
   )
@@ -159,7 +164,7 @@ def FeedForward(d_model, d_ff, activation=tl.Gelu, dropout=0.0, mode='train'):
 
 
 def DecoderBlock(d_model, d_ff, n_heads, dropout=0.0, max_len=2048,
-                 activation=tl.Gelu, mode='train'):
+                 activation=tl.Gelu, mode='train', qkv_layer=None):
   """Pre-norm attention and feed-forward residual blocks.
 
   (batch, length, d_model) -> (batch, length, d_model).
@@ -167,7 +172,8 @@ def DecoderBlock(d_model, d_ff, n_heads, dropout=0.0, max_len=2048,
   return [
       tl.Residual(
           LayerNorm(),
-          CausalSelfAttention(d_model, n_heads, max_len=max_len, mode=mode),
+          CausalSelfAttention(d_model, n_heads, max_len=max_len, mode=mode,
+                              qkv_layer=qkv_layer),
           tl.Dropout(rate=dropout, mode=mode)),
       tl.Residual(
           LayerNorm(),
@@ -178,7 +184,8 @@ def DecoderBlock(d_model, d_ff, n_heads, dropout=0.0, max_len=2048,
 
 @gin.configurable(module='training')
 def DecoderLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
-              max_len=2048, dropout=0.0, activation=tl.Gelu, mode='train'):
+              max_len=2048, dropout=0.0, activation=tl.Gelu, qkv_layer=None,
+              mode='train'):
   """The baseline decoder-only Transformer language model.
 
   Args:
@@ -190,6 +197,8 @@ def DecoderLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
     max_len: longest sequence (positions, and the predict-mode cache).
     dropout: residual and feed-forward dropout rate in 'train' mode.
     activation: feed-forward activation layer class (e.g. `tl.Gelu`, `tl.Relu`).
+    qkv_layer: optional qkv_layer(mode=...) -> layer applied to the fused Q/K/V
+      projections in every attention (e.g. `primer_trax.layers.MultiDConv`).
     mode: 'train', 'eval' or 'predict'.
 
   Returns:
@@ -200,8 +209,8 @@ def DecoderLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
   return tl.Serial(
       Embedding(vocab_size, d_model),
       tl.PositionalEncoding(max_len=max_len, mode=mode),
-      [DecoderBlock(d_model, d_ff, n_heads, dropout, max_len, activation, mode)
-       for _ in range(n_layers)],
+      [DecoderBlock(d_model, d_ff, n_heads, dropout, max_len, activation, mode,
+                    qkv_layer) for _ in range(n_layers)],
       LayerNorm(),
       tl.Dense(vocab_size),
   )
