@@ -105,6 +105,13 @@ def _trax_activation(name):
   return lambda: tl.Fn('SquaredRelu', lambda x: jnp.square(jax.nn.relu(x)))
 
 
+def _qkv_layer(kernel_size):
+  if not kernel_size:
+    return None
+  from primer_trax import layers as P  # pylint: disable=g-import-not-at-top
+  return lambda mode: P.MultiDConv(kernel_size, mode=mode)
+
+
 def setup_ours(cfg, args, batches, dtype):
   import trax  # pylint: disable=g-import-not-at-top
   from trax import layers as tl  # pylint: disable=g-import-not-at-top
@@ -112,7 +119,8 @@ def setup_ours(cfg, args, batches, dtype):
   from training import trainer as T  # pylint: disable=g-import-not-at-top
   m = M.DecoderLM(cfg['vocab'], d_model=cfg['d_model'], d_ff=cfg['d_ff'],
                   n_layers=cfg['n_layers'], n_heads=cfg['n_heads'],
-                  max_len=cfg['seq'], activation=_trax_activation(args.activation))
+                  max_len=cfg['seq'], activation=_trax_activation(args.activation),
+                  qkv_layer=_qkv_layer(args.qkv_conv))
   opt = trax.optimizers.Adam(learning_rate=1e-4)
   ts = T.init_train_state(m, opt, (cfg['batch'], cfg['seq']), args.seed)
   theirs = T.train_flops_per_token(m, cfg['seq'])
@@ -304,6 +312,9 @@ def parse_args(argv):
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--activation', default='gelu', choices=('gelu', 'relu2'),
                  help='feed-forward activation of ours and handwritten')
+  p.add_argument('--qkv_conv', type=int, default=0,
+                 help="ours only: Primer's depthwise conv of this width after "
+                      'the Q/K/V projections (0: none)')
   p.add_argument('--append_to', default='BENCHMARKS.md',
                  help="Markdown file to append the table to; '' for none")
   p.add_argument('--out_json', default=None)

@@ -120,23 +120,21 @@ def test_sparse_ff_eval_and_predict_match_trax(d_model, d_ff, n, d_lowrank,
   _close(_run(ts['predict'], x), y)
 
 
-def test_sparse_ff_bfloat16_and_default_init_match_trax():
-  """bfloat16 big weights; our default init has trax's shapes and dtypes."""
+def test_sparse_ff_bfloat16_weights_match_trax():
+  """bfloat16 big weights; our own init gives the converted shapes/dtypes."""
   x = _x((2, 3, 8))
   kw = dict(d_ff=32, n_elements_in_block=4, d_lowrank=4,
-            big_weights_in_bfloat16=True)
+            big_weights_in_bfloat16=True, **FAST_INIT)
   ts, os_ = _trax_and_ours(sparsity.SparseFF, sparse_ff.SparseFF, x,
                            ('eval', 'predict'), **kw)
   converted = os_['eval'].weights
   assert converted[3].dtype == converted[4].dtype == jnp.bfloat16
   _close(_run(os_['eval'], x), _run(ts['eval'], x))
   _close(_run(os_['predict'], x[:, :1]), _run(ts['predict'], x[:, :1]))
-  own = sparse_ff.SparseFF(mode='eval', **kw)  # trax's default initializers
+  own = sparse_ff.SparseFF(mode='eval', **kw)
   own.init(shapes.signature(x), rng=KEY)
   spec = lambda tree: [(a.shape, a.dtype) for a in tree]
   assert spec(own.weights) == spec(converted)
-  # Glorot uniform on (d_model, d_ff) = (8, 32): std sqrt(2 / 40) = 0.22.
-  assert 0.17 < float(jnp.std(own.weights[3].astype(jnp.float32))) < 0.27
 
 
 @pytest.mark.parametrize('d_model,d_ff,n_experts', [(8, 16, 4), (6, 64, 8)])
@@ -361,7 +359,8 @@ def test_tiny_model_learns_copy_task(name):
   """Only the sparse FF trains (embedding and readout stay random).
 
   Task: every position outputs its own input id (vocab 8).  The eval-mode
-  cross-entropy after 100 Adam steps must fall below half its initial value.
+  cross-entropy after 100 Adam steps must fall below a fifth of its initial
+  value (it falls from about 2.1-2.7 to below 0.01).
   """
   vocab, d_model = 8, 16
   model = _model(FF_FACTORIES[name]('train'), vocab, d_model)
@@ -396,7 +395,7 @@ def test_tiny_model_learns_copy_task(name):
   for t in range(100):
     w, m, v = step(w, m, v, t)
   after = float(eval_loss(w))
-  assert after < 0.5 * before, (before, after)
+  assert after < 0.2 * before, (before, after)
 
 
 def test_bad_arguments_raise_clear_errors():

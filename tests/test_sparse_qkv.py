@@ -18,6 +18,9 @@ from terraformer import sparse_qkv as sq
 
 RNG = jax.random.PRNGKey(0)
 TOL = dict(atol=1e-5, rtol=1e-5)
+# Two activation shapes, reused everywhere: on CPU most of the time goes to
+# compiling each (op, shape) pair once, so new shapes cost more than new tests.
+#     A: batch 2, length 4, d 16, sparsity 4;  B: batch 1, length 3, d 12, sparsity 3.
 
 
 def _x(shape, seed=1):
@@ -47,10 +50,9 @@ def _decode(layer, x, first=1):
 # ----------------------------------------------------------------- FactoredDense
 
 @pytest.mark.parametrize('n_modules,d_in,d_out,use_bias,batch_shape', [
-    (2, 8, 8, True, (2, 3)),
-    (4, 6, 12, False, (5,)),
-    (3, 5, 9, True, (2, 1, 3)),
-    (1, 4, 7, True, (3, 2)),
+    (4, 16, 16, True, (2, 4)),
+    (3, 12, 12, False, (1, 3)),
+    (4, 16, 8, True, (2, 1, 4)),
 ])
 def test_factored_dense_matches_trax(n_modules, d_in, d_out, use_bias,
                                      batch_shape):
@@ -83,59 +85,60 @@ def test_factored_dense_equation_and_bfloat16_weights():
 # -------------------------------------------------------------- LocallyConvDense
 
 CONV_CASES = [
-    # n_modules, n_units, kernel_size, length_kernel_size, d_in, length
-    (4, 3, 3, 3, 8, 5),
-    (2, 4, 1, 2, 6, 4),
-    (3, 2, 5, 1, 9, 3),
-    (1, 5, 3, 3, 6, 4),  # one module: trax makes it a plain Dense
+    # n_modules, n_units, kernel_size, length_kernel_size, (batch, length, d_in)
+    (4, 4, 3, 3, (2, 4, 16)),   # the Q/K conv of attention shape A
+    (4, 4, 1, 3, (2, 4, 32)),   # the V conv of A with v_concat 'original'
+    (3, 4, 3, 2, (1, 3, 12)),   # the Q/K conv of attention shape B
+    (4, 4, 5, 1, (2, 4, 16)),   # wider module kernel, no length kernel
+    (1, 16, 3, 3, (2, 4, 16)),  # one module: trax makes it a plain Dense
 ]
 
 
-@pytest.mark.parametrize('n_modules,n_units,kernel,length_kernel,d_in,length',
+@pytest.mark.parametrize('n_modules,n_units,kernel,length_kernel,shape',
                          CONV_CASES)
 def test_locally_conv_dense_matches_trax_eval_and_predict(
-    n_modules, n_units, kernel, length_kernel, d_in, length):
+    n_modules, n_units, kernel, length_kernel, shape):
   args = (n_modules, n_units)
   kw = dict(kernel_size=kernel, length_kernel_size=length_kernel)
-  shape = (2, length, d_in)
+  batch, length, d_in = shape
   x = _x(shape)
   ref, ours = _pair(lambda: ref_lib.LocallyConvDense(*args, 'eval', **kw),
                     lambda: sq.LocallyConvDense(*args, 'eval', **kw), shape)
   want = ref(x)
-  assert want.shape == (2, length, n_modules * n_units)
+  assert want.shape == (batch, length, n_modules * n_units)
   np.testing.assert_allclose(ours(x), want, **TOL)
 
   ref_p, ours_p = _pair(lambda: ref_lib.LocallyConvDense(*args, 'predict', **kw),
                         lambda: sq.LocallyConvDense(*args, 'predict', **kw),
-                        (2, 1, d_in))
+                        (batch, 1, d_in))
   ours_p.weights = ours.weights
   ref_p.weights = ref.weights
   np.testing.assert_allclose(_decode(ours_p, x), _decode(ref_p, x), **TOL)
 
 
 def test_locally_conv_dense_predict_equals_eval_after_prefill():
-  """A 3-token prefill then single tokens give eval mode's outputs."""
-  x = _x((2, 7, 8))
-  layer = _init(sq.LocallyConvDense(4, 3, 'eval', 3, 3), x.shape)
-  pred = _init(sq.LocallyConvDense(4, 3, 'predict', 3, 3), (2, 3, 8))
+  """A 2-token prefill then single tokens give eval mode's outputs."""
+  x = _x((2, 4, 16))
+  layer = _init(sq.LocallyConvDense(4, 4, 'eval', 3, 3), x.shape)
+  pred = _init(sq.LocallyConvDense(4, 4, 'predict', 3, 3), (2, 2, 16))
   pred.weights = layer.weights
-  np.testing.assert_allclose(_decode(pred, x, first=3), layer(x), **TOL)
+  np.testing.assert_allclose(_decode(pred, x, first=2), layer(x), **TOL)
 
 
 def test_locally_conv_dense_equation():
   """y[t, s] = b + sum_{a, c} x[t - a, s + c - 1] @ K[2 - a, c], zero outside."""
-  n_mod, c_in, units, length = 3, 2, 2, 4
+  n_mod, c_in, units, length = 4, 4, 4, 4
   layer = _init(sq.LocallyConvDense(n_mod, units, 'eval', 3, 3),
-                (1, length, n_mod * c_in))
+                (2, length, n_mod * c_in))
   kernel, bias = (np.asarray(w) for w in layer.weights)
-  x = np.asarray(_x((1, length, n_mod * c_in)))
-  xm = x.reshape(length, n_mod, c_in)
+  x = np.asarray(_x((2, length, n_mod * c_in)))
+  xm = x[1].reshape(length, n_mod, c_in)
   want = np.zeros((length, n_mod, units), np.float32) + bias
   for t, s, a, c in itertools.product(range(length), range(n_mod), range(3),
                                       range(3)):
     if t - a >= 0 and 0 <= s + c - 1 < n_mod:
       want[t, s] += xm[t - a, s + c - 1] @ kernel[2 - a, c]
-  np.testing.assert_allclose(layer(x)[0], want.reshape(length, -1), **TOL)
+  np.testing.assert_allclose(layer(x)[1], want.reshape(length, -1), **TOL)
 
 
 # ------------------------------------------------ MultiplicativeConvCausalAttention
@@ -181,10 +184,10 @@ def test_attention_matches_trax_eval_and_predict(index):
 def test_attention_predict_in_a_jitted_scan_equals_eval():
   """The predict state keeps its structure, so decoding can be one lax.scan."""
   cfg = dict(d_feature=16, n_heads=2, sparsity=4, v_concat_type='fixed')
-  x = _x((2, 5, 16))
+  x = _x((2, 4, 16))
   model = _init(sq.MultiplicativeConvCausalAttention(mode='eval', **cfg), x.shape)
   pred = _init(sq.MultiplicativeConvCausalAttention(
-      mode='predict', max_inference_length=5, **cfg), (2, 1, 16))
+      mode='predict', max_inference_length=4, **cfg), (2, 1, 16))
 
   def step(state, x_t):
     y, state = pred.pure_fn(x_t[:, None], model.weights, state, RNG)
@@ -203,48 +206,48 @@ def test_attention_predict_in_a_jitted_scan_equals_eval():
                                 length_kernel_size=3),
 ], ids=['attention', 'conv'])
 def test_causality(make):
-  """Changing position 3 changes no output before 3, and changes output 3."""
-  x = np.asarray(_x((2, 6, 16)))
+  """Changing position 2 changes no output before 2, and changes output 2."""
+  x = np.asarray(_x((2, 4, 16)))
   layer = _init(make(), x.shape)
   x2 = x.copy()
-  x2[:, 3] += 1.0
+  x2[:, 2] += 1.0
   y, y2 = layer(x), layer(x2)
-  np.testing.assert_array_equal(y[:, :3], y2[:, :3])
-  assert np.abs(y[:, 3] - y2[:, 3]).max() > 1e-3
+  np.testing.assert_array_equal(y[:, :2], y2[:, :2])
+  assert np.abs(y[:, 2] - y2[:, 2]).max() > 1e-3
 
 
 # ------------------------------------------------------------------- sparse loss
 
 @pytest.mark.parametrize('sparsity_type,sparsity,prob_sparse,use_bias', [
     ('mult', 4, None, True),   # Terraformer's loss_sparsity
-    ('mult', 2, None, False),
-    ('mult', 2, 0.5, True),    # loss_sparsity_prob; eval always uses sparse
+    ('mult', 8, None, False),
+    ('mult', 4, 0.5, True),    # loss_sparsity_prob; eval always uses sparse
     (None, 0, None, True),
     ('mult', 0, None, True),   # sparsity 0 means Dense
-    ('lowrank', 2, None, True),
-    ('einsum', 2, None, False),
-    ('local', 2, None, True),
+    ('lowrank', 4, None, True),
+    ('einsum', 4, None, False),
+    ('local', 4, None, True),
     ('local3', 4, None, True),
 ])
 def test_sparse_loss_matches_trax(sparsity_type, sparsity, prob_sparse,
                                   use_bias):
-  kw = dict(n_units=12, d_input=8, sparsity_type=sparsity_type,
-            sparsity=sparsity, d_lowrank=3, prob_sparse=prob_sparse,
+  kw = dict(n_units=16, d_input=16, sparsity_type=sparsity_type,
+            sparsity=sparsity, d_lowrank=4, prob_sparse=prob_sparse,
             use_bias=use_bias, mode='eval')
   ref, ours = _pair(lambda: ref_lib.SparseDenseWithOptions(**kw),
-                    lambda: sq.SparseDenseWithOptions(**kw), (2, 3, 8))
-  x = _x((2, 3, 8))
+                    lambda: sq.SparseDenseWithOptions(**kw), (2, 4, 16))
+  x = _x((2, 4, 16))
   got = ours(x)
-  assert got.shape == (2, 3, 12)
+  assert got.shape == (2, 4, 16)
   np.testing.assert_allclose(got, ref(x), **TOL)
 
 
 def test_sparse_loss_uses_sparse_branch_in_eval_with_prob_sparse():
   """With prob_sparse, eval output equals the sparse branch alone."""
-  layer = _init(sq.SparseDenseWithOptions(12, 8, 'mult', 4, prob_sparse=0.01,
-                                          mode='eval'), (2, 8))
-  sparse_only = _init(sq.SparseDenseWithOptions(12, 8, 'mult', 4), (2, 8))
-  x = _x((2, 8))
+  layer = _init(sq.SparseDenseWithOptions(16, 16, 'mult', 4, prob_sparse=0.01,
+                                          mode='eval'), (2, 4, 16))
+  sparse_only = _init(sq.SparseDenseWithOptions(16, 16, 'mult', 4), (2, 4, 16))
+  x = _x((2, 4, 16))
   _, sparse_weights, _ = layer.weights
   np.testing.assert_allclose(layer(x), sparse_only(x, weights=sparse_weights),
                              **TOL)
@@ -278,20 +281,22 @@ def test_bad_arguments_raise_value_error(make, match):
     make()
 
 
-def test_converter_rejects_a_differently_built_reference():
-  ours = _init(sq.MultiplicativeConvCausalAttention(16, 2, sparsity=4,
-                                                   mode='eval'), (2, 4, 16))
-  other = _init(ref_lib.MultiplicativeConvCausalAttention(
-      16, 2, sparsity=2, mode='eval'), (2, 4, 16))
-  with pytest.raises(ValueError, match='expects an array of shape'):
-    sq.weights_from_trax(other, ours)
-  extra = _init(ref_lib.MultiplicativeConvCausalAttention(
+@pytest.mark.parametrize('ref_kwargs,match', [
+    (dict(v_concat_type='original', output_layer_type='mult'),
+     'expects an array of shape'),
+    (dict(), 'ran out'),
+    (dict(output_layer_type='multconv'), 'left over'),
+])
+def test_converter_rejects_a_differently_built_reference(ref_kwargs, match):
+  ours = _init(sq.MultiplicativeConvCausalAttention(
       16, 2, sparsity=4, output_layer_type='mult', mode='eval'), (2, 4, 16))
-  with pytest.raises(ValueError, match='left over'):
-    sq.weights_from_trax(extra, ours)
+  ref = _init(ref_lib.MultiplicativeConvCausalAttention(
+      16, 2, sparsity=4, mode='eval', **ref_kwargs), (2, 4, 16))
+  with pytest.raises(ValueError, match=match):
+    sq.weights_from_trax(ref, ours)
 
 
 def test_input_width_mismatch_is_reported():
-  layer = sq.FactoredDense(2, 8, 8)
-  with pytest.raises(Exception, match='built for inputs of width 8'):
-    layer.init(shapes.ShapeDtype((2, 6)))
+  layer = sq.FactoredDense(4, 12, 16)
+  with pytest.raises(Exception, match='built for inputs of width 12'):
+    layer.init(shapes.ShapeDtype((2, 4, 16)))
