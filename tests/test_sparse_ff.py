@@ -1,4 +1,4 @@
-"""Parity and behaviour tests of terraformer.sparse_ff against trax's sparsity.py.
+"""Tests of terraformer.sparse_ff, with parity against trax's sparsity.py.
 
 The reference is trax 1.4.1 `trax.layers.research.sparsity.SparseFF` and
 `BlockSparseFF`.  With weights mapped by `weights_from_trax`, ours must give
@@ -173,7 +173,7 @@ def _loss_and_grads(layer, weights, x, ct, state, rng):
     (1.0, {'multiply_by_controller_output': True, 'ff_chunk_size': 2}),
 ])
 def test_sparse_ff_train_values_and_grads_match_trax(quant_prob, kw):
-  """Temperature 0 and quant_prob 0 or 1 make trax's train mode deterministic."""
+  """Temperature 0 and quant_prob 0 or 1 make trax's train mode exact."""
   x, ct = _x((2, 5, 6)), _x((2, 5, 6), seed=1)
   ts, os_ = _trax_and_ours(sparsity.SparseFF, sparse_ff.SparseFF, x,
                            ('train',), d_ff=32, n_elements_in_block=4,
@@ -212,6 +212,53 @@ def test_sparse_ff_recalls_saved_choice_like_trax_reversible():
   assert np.abs(np.asarray(y_o) - np.asarray(first)).max() > 1e-3
   # Same rng, no recall: the first pass is reproduced.
   _close(run(x, state)[0], first)
+
+
+class _SpySparseFF(sparse_ff.SparseFF):
+  """Records the state flags each forward pass sees (at trace time)."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._seen = []
+
+  def forward(self, x):
+    self._seen.append(sorted(self.state[1]))
+    return super().forward(x)
+
+
+def test_sparse_ff_inside_trax_reversible_layers():
+  """trax's ReversibleHalfResidual recomputes F with the saved choice.
+
+  ReversibleSerial(ReversibleHalfResidual(F), ReversibleSwap) maps
+  (x1, x2) -> (x2, x1 + F(x2)); its reverse-mode gradient (recomputing F)
+  must equal the gradient of that formula computed directly.
+  """
+  x1, x2 = _x((2, 3, 8)), _x((2, 3, 8), seed=1)
+  ff = _SpySparseFF(32, n_elements_in_block=4, d_lowrank=4, temperature=0.0,
+                    quant_prob=1.0, mode='train', **FAST_INIT)
+  rev = tl.ReversibleSerial(tl.ReversibleHalfResidual(ff), tl.ReversibleSwap())
+  rev.init((shapes.signature(x1), shapes.signature(x2)), rng=KEY)
+  ff_weights, ff_state = ff.weights, ff.state
+
+  def rev_loss(w, x1, x2):
+    (a, b), _ = rev.pure_fn((x1, x2), w, rev.state, KEY)
+    return jnp.sum(a * 1.3 + b * b)
+
+  def direct_loss(w, x1, x2):
+    b = x1 + ff.pure_fn(x2, w, ff_state, KEY)[0]
+    return jnp.sum(x2 * 1.3 + b * b)
+
+  ff._seen.clear()  # pylint: disable=protected-access
+  g_rev = _jit(jax.grad(rev_loss, argnums=(0, 1, 2)))(rev.weights, x1, x2)
+  assert ff._seen == [  # pylint: disable=protected-access
+      ['running_second_time'], ['running_second_time_yes']]
+  g_direct = _jit(jax.grad(direct_loss, argnums=(0, 1, 2)))(
+      ff_weights, x1, x2)
+  leaves_rev = jax.tree_util.tree_leaves(g_rev)
+  leaves_direct = jax.tree_util.tree_leaves(g_direct)
+  assert len(leaves_rev) == len(leaves_direct) == 8
+  for a, b in zip(leaves_rev, leaves_direct):
+    _close(a, b, atol=1e-4)
 
 
 class _ForcedBlockSparseFF(sparse_ff.BlockSparseFF):
