@@ -182,7 +182,7 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
       train_model, optimizer, lr_schedule, dtype, clip_grad_norm)
   eval_step = trainer_lib.make_eval_step(eval_model, dtype)
   host_lr = not trainer_lib.schedule_is_traceable(lr_schedule)
-  held_out = ds.eval_batches(eval_batches) if eval_every or steps else []
+  held_out = ds.eval_batches(eval_batches)  # also gives bytes per token
   bytes_per_token = _bytes_per_token(ds, held_out) if held_out else 1.0
   writer = metrics_lib.MetricsWriter(run_dir, tensorboard=tensorboard)
   vocab_path = getattr(ds.tokenizer, 'model_path', None)

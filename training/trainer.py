@@ -101,12 +101,10 @@ def apply_optimizer(optimizer, step, grads, weights, slots, opt_params):
   Returns (new_weights, new_slots).
   """
   from trax import fastmath  # pylint: disable=g-import-not-at-top
-  updated = [
-      optimizer.update(step, g, w, s, opt_params)
-      for g, w, s in zip(fastmath.tree_flatten(grads),
-                         fastmath.tree_flatten(weights), slots)]
-  flat_weights = [new.astype(old.dtype) for (new, _), old in
-                  zip(updated, fastmath.tree_flatten(weights))]
+  old_weights = fastmath.tree_flatten(weights)
+  updated = [optimizer.update(step, g, w, s, opt_params)
+             for g, w, s in zip(fastmath.tree_flatten(grads), old_weights, slots)]
+  flat_weights = [new.astype(old.dtype) for (new, _), old in zip(updated, old_weights)]
   new_weights, _ = fastmath.tree_unflatten(flat_weights, weights)
   return new_weights, tuple(s for _, s in updated)
 
@@ -127,7 +125,7 @@ def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
   """
   logits_fn = _logits_fn(model, compute_dtype)
   traced_lr = schedule_is_traceable(lr_schedule)
-  _, base_opt_params = optimizer.tree_init(model.weights)
+  base_opt_params = optimizer.opt_params  # hyperparameters; no slots built
 
   def loss(weights, state, batch, rng):
     inputs, targets, token_weights = batch
