@@ -29,3 +29,17 @@ def test_choose_next_top_k_and_temperature():
   assert set(draws) == {0, 1}  # only the two most likely
   assert 0.5 < draws.count(0) / 200 < 0.75  # 0.5 / 0.8 = 0.625 after renormalising
   assert int(sampling.choose_next(logits, jax.random.PRNGKey(0), 0.0)[0]) == 0
+
+
+def test_too_long_generation_is_refused_with_the_cache_size():
+  sampler = sampling.Sampler(model_lib.DecoderLM(mode='predict', **CFG), batch_size=1)
+  assert sampler.max_length == 32
+  eval_model = model_lib.DecoderLM(mode='eval', **CFG)
+  eval_model.init(shapes.ShapeDtype((1, 4), np.int32))
+  try:
+    sampler.generate(eval_model.weights, np.zeros((1, 4), np.int32), 29)
+  except ValueError as e:
+    assert '33 tokens' in str(e) and 'max_len' in str(e)
+  else:
+    raise AssertionError('no error for 4 + 29 > 32 tokens')
+  assert sampler.generate(eval_model.weights, np.zeros((1, 4), np.int32), 28).shape == (1, 28)

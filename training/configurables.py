@@ -11,5 +11,6 @@ import trax.optimizers
 import trax.supervised.lr_schedules
 
 import primer_trax.layers
+import terraformer.models
 import training.model
 import training.run

@@ -79,8 +79,12 @@ def main(argv):
   sampler = sampling.Sampler(model_fn(vocab_size=meta['vocab_size'], mode='predict'),
                              batch_size=FLAGS.num_samples, compute_dtype=dtype)
   prompt = np.tile(tokenizer.encode(FLAGS.prompt)[None], (FLAGS.num_samples, 1))
-  out = sampler.generate(weights, prompt, FLAGS.length, FLAGS.temperature,
-                         FLAGS.top_k, FLAGS.seed)
+  try:
+    out = sampler.generate(weights, prompt, FLAGS.length, FLAGS.temperature,
+                           FLAGS.top_k, FLAGS.seed)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   for row in out:
     print(FLAGS.prompt + tokenizer.decode(row))
 

@@ -29,6 +29,24 @@ def choose_next(logits, rng, temperature=1.0, top_k=None):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def max_length(layer):
+  """The longest sequence `layer` can decode: the smallest predict-mode cache
+  (or position table) among its sublayers, or None if it has none.
+
+  Layers announce it as an integer attribute `_max_len` (ours and trax's
+  attention caches and positional encodings do).
+  """
+  found = []
+  def visit(sub):
+    value = getattr(sub, '_max_len', None)
+    if isinstance(value, int) and not isinstance(value, bool):
+      found.append(value)
+    for s in sub.sublayers:
+      visit(s)
+  visit(layer)
+  return min(found) if found else None
+
+
 class Sampler:
   """Generates continuations of prompts with a predict-mode model.
 
@@ -45,6 +63,7 @@ class Sampler:
     self._initial_state = self._model.state
     self._dtype = compute_dtype
     self._batch_size = batch_size
+    self.max_length = max_length(predict_model)
 
   @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
   def _generate(self, weights, prompt, rng, n_new, temperature, top_k):
@@ -81,6 +100,15 @@ class Sampler:
     if prompt.shape[0] != self._batch_size:
       raise ValueError(f'prompt batch {prompt.shape[0]} != sampler batch '
                        f'{self._batch_size}; build the Sampler with that batch.')
+    if n_new < 1:
+      raise ValueError(f'n_new must be at least 1, not {n_new}.')
+    total = prompt.shape[1] + n_new
+    if self.max_length is not None and total > self.max_length:
+      raise ValueError(
+          f'prompt length {prompt.shape[1]} + n_new {n_new} = {total} tokens '
+          f'exceeds the model\'s predict-mode cache of {self.max_length} '
+          f'positions (its max_len); generate fewer tokens or build the '
+          f'model with a larger max_len.')
     out = self._generate(weights, prompt, jax.random.PRNGKey(seed), n_new,
                          temperature, top_k)
     return np.asarray(out)

@@ -1,0 +1,133 @@
+"""TerraformerLM: every mix of sparse FF / QKV / loss decodes like eval mode and trains."""
+import jax
+from jax import numpy as jnp
+import numpy as np
+import pytest
+from trax import shapes
+
+from terraformer import models
+from terraformer import sparse_ff
+from training import sampling
+from training import trainer as trainer_lib
+
+CFG = dict(vocab_size=24, d_model=32, d_ff=64, n_layers=2, n_heads=4, max_len=16)
+MIXES = {
+    'dense': {},
+    'ff': dict(ff_sparsity=8),
+    'qkv': dict(attention_sparsity=4),
+    'loss': dict(loss_sparsity=4),
+    'all': dict(ff_sparsity=8, attention_sparsity=4, loss_sparsity=4,
+                share_qk=True, output_layer_type='mult'),
+}
+
+
+def _eval_model(mix, batch=2, length=10):
+  model = models.TerraformerLM(mode='eval', **CFG, **MIXES[mix])
+  model.init(shapes.ShapeDtype((batch, length), np.int32), rng=jax.random.PRNGKey(3))
+  return model
+
+
+@pytest.mark.parametrize('mix', sorted(MIXES))
+def test_predict_with_prefill_then_tokens_equals_eval(mix):
+  eval_model = _eval_model(mix)
+  ids = np.random.RandomState(0).randint(0, CFG['vocab_size'], (2, 10)).astype(np.int32)
+  want = np.asarray(eval_model(ids))
+  predict = models.TerraformerLM(mode='predict', **CFG, **MIXES[mix])
+  predict.init(shapes.ShapeDtype((2, 1), np.int32))
+  state = predict.state
+  got, rng = [], jax.random.PRNGKey(0)
+  logits, state = predict.pure_fn(ids[:, :4], eval_model.weights, state, rng)  # prefill
+  got.append(logits)
+  for t in range(4, 10):
+    logits, state = predict.pure_fn(ids[:, t:t + 1], eval_model.weights, state, rng)
+    got.append(logits)
+  np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_greedy_matches_eval_argmax_with_every_sparse_layer():
+  eval_model = _eval_model('all', batch=1, length=4)
+  sampler = sampling.Sampler(models.TerraformerLM(mode='predict', **CFG, **MIXES['all']))
+  assert sampler.max_length == CFG['max_len']
+  prompt = np.array([[1, 2, 3]], np.int32)
+  got = sampler.generate(eval_model.weights, prompt, 8, temperature=0.0)
+  seq = prompt
+  for _ in range(8):
+    nxt = np.argmax(np.asarray(eval_model(seq))[:, -1], -1)
+    seq = np.concatenate([seq, nxt[:, None]], 1).astype(np.int32)
+  np.testing.assert_array_equal(got, seq[:, 3:])
+
+
+def test_layers_are_the_sparse_ones_and_sparse_layers_shrink_the_model():
+  def n_params(mix, **kw):
+    m = models.TerraformerLM(mode='eval', **{**CFG, **kw}, **MIXES[mix])
+    m.init(shapes.ShapeDtype((1, 4), np.int32))
+    return trainer_lib.count_params(m.weights), m
+  dense, _ = n_params('dense')
+  qkv, _ = n_params('qkv')
+  loss, _ = n_params('loss')
+  ff, model = n_params('ff')
+  assert any(isinstance(s, sparse_ff.SparseFF) for s in _walk(model))
+  assert qkv < dense and loss < dense
+  # The controller adds weights: a sparse FF at the same d_ff is larger.
+  assert ff > dense
+
+
+def _walk(layer):
+  yield layer
+  for s in layer.sublayers:
+    yield from _walk(s)
+
+
+@pytest.mark.parametrize('kwargs,words', [
+    (dict(ff_sparsity=5), ['ff_sparsity=5', 'd_ff=64', 'allowed']),
+    (dict(attention_sparsity=3), ['attention_sparsity=3', 'd_model=32']),
+    (dict(loss_sparsity=5), ['loss_sparsity=5', 'vocab_size=24']),
+    (dict(ff_sparsity=8, ff_lowrank=0), ['ff_lowrank', '[1, d_ff=64]']),
+    (dict(ff_sparsity=8, ff_lowrank=65), ['ff_lowrank']),
+    (dict(ff_sparsity=-1), ['ff_sparsity', '0 (dense)']),
+    (dict(n_heads=5), ['n_heads=5']),
+])
+def test_bad_settings_fail_at_build_time_naming_the_argument(kwargs, words):
+  with pytest.raises(ValueError) as e:
+    models.TerraformerLM(mode='train', **{**CFG, **kwargs})
+  for word in words:
+    assert word in str(e.value)
+
+
+def test_all_sparse_layers_train_on_the_copy_task_and_controller_learns():
+  """Train mode: Gumbel noise, straight-through one-hot; loss falls and the
+  controller (SparseFF's m1, m2) receives gradients."""
+  from trax import optimizers  # pylint: disable=g-import-not-at-top
+  cfg = dict(CFG, vocab_size=12, max_len=16)
+  model = models.TerraformerLM(mode='train', **cfg, **MIXES['all'])
+  opt = optimizers.Adam(learning_rate=3e-3)
+  state = trainer_lib.init_train_state(model, opt, (16, 16), seed=0)
+  step = trainer_lib.make_train_step(model, opt, lambda s: 3e-3)
+  rs = np.random.RandomState(0)
+
+  def batch():  # copy task: a random half, then the same half again
+    half = rs.randint(1, cfg['vocab_size'], (16, 8))
+    seq = np.concatenate([np.zeros((16, 1), int), half, half[:, :-1]], 1).astype(np.int32)
+    inputs, targets = seq[:, :-1], seq[:, 1:]
+    weights = np.zeros_like(targets, np.float32)
+    weights[:, 8:] = 1.0  # score the copied half only
+    pad = lambda a: np.pad(a, ((0, 0), (0, 1)))
+    return pad(inputs), pad(targets), pad(weights).astype(np.float32)
+
+  controller = [s for s in _walk(model) if isinstance(s, sparse_ff.SparseFF)][0]
+  def grads_of_controller(weights, b):
+    def loss(w):
+      logits, _ = model.pure_fn(b[0], w, state.state, jax.random.PRNGKey(1))
+      return trainer_lib.cross_entropy(logits, b[1], b[2])[0]
+    return jax.grad(loss)(weights)
+  g = grads_of_controller(state.weights, batch())
+  leaves = jax.tree_util.tree_leaves(g)
+  m1_shape = controller.weights[0].shape
+  m1_grads = [x for x in leaves if x.shape == m1_shape]
+  assert m1_grads and all(float(jnp.abs(x).max()) > 0 for x in m1_grads)
+
+  key, losses = jax.random.PRNGKey(0), []
+  for i in range(150):
+    state, metrics = step(state, i, batch(), key, np.float32(0))
+    losses.append(float(metrics['loss']))
+  assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), losses[::15]
