@@ -10,6 +10,7 @@ import trax.layers
 import trax.optimizers
 import trax.supervised.lr_schedules
 
+import feedback.model
 import primer_trax.layers
 import terraformer.models
 import training.model

@@ -384,6 +384,10 @@ def make_dataset(name='python_docs', *, seq_len, batch_size, seed=0, tokenizer='
     for arg, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{arg} must be a positive integer, got {value!r}.")
+    if name == 'algorithmic' or name.startswith('algorithmic:'):  # Feedback paper's task
+        from feedback import data as feedback_data
+        return feedback_data.make_dataset(name, seq_len=seq_len, batch_size=batch_size,
+                                          seed=seed)
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"Unknown tokenizer {tokenizer!r}; choose one of "
                          f"{', '.join(TOKENIZERS)}.")

@@ -1,0 +1,379 @@
+"""The Feedback Transformer language model (Fan et al. 2020, arXiv 2002.09402).
+
+One memory vector per position, shared by every layer of every later position:
+
+    x_t^0     = Embed(token_t)
+    for l = 1..L:
+      z_t^l   = Attn_l(LN1_l(x_t^{l-1}); keys/values from m_{t-S}, ..., m_{t-1})
+      x_t^l   = y + W2 relu(W1 LN2_l(y) + b1) + b2,   y = x_t^{l-1} + z_t^l
+    m_t       = sum_{l=0..L} softmax(w)_l x_t^l         (w: L+1 scalars, init 0)
+    k_t, v_t  = LN1(m_t) Wk, LN1(m_t) Wv                (computed once per m_t)
+    logits_t  = LN_out(x_t^L) W_out + b_out
+
+The attention at position t never sees m_t: every layer at t reads only the
+S = `span` previous memories (zero vectors before the sequence starts, as in the
+official code), and scores are q.k_j + q.p_{offset(j)} with a learned relative
+position key `key_pe` (head_dim, span) shared by all layers and heads, divided
+by sqrt(head_dim).  With `shared_kv` one LN1/Wk/Wv serves every layer (one
+key/value pair per memory: the paper's memory saving); without it each layer
+has its own LN1/Wk/Wv applied to the same memory (the published enwik8 run).
+LN1_l is also the layer's query norm, as in the official pre-norm code.
+
+Training is sequential over positions and runs inside the jitted step: an
+outer `lax.scan` over blocks of `block_len` positions (each block
+rematerialised in the backward pass) and an inner `lax.scan` over the
+positions of a block, carrying fixed-size FIFO buffers of the last `span`
+memories and their keys/values.  With `truncate_gradients` the memories older
+than the current block are `stop_gradient`-ed and their keys/values recomputed
+at the block start, as the official trainer detaches its cache between blocks
+(the projections still get gradients from old memories; the old memories do
+not).  In 'predict' mode the state is the key/value buffer and the position,
+so each new token costs the same whatever came before.
+
+Initialisation follows the official code: embeddings and `key_pe` N(0, 1),
+linear layers U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the attention output and
+second feed-forward projection divided by sqrt(2 L), no biases in Q/K/V/O.
+"""
+
+import math
+from typing import NamedTuple
+
+import gin
+import jax
+from jax import numpy as jnp
+from trax.layers import base
+
+MODES = ('train', 'eval', 'predict')
+EPSILON = 1e-6
+
+
+class Config(NamedTuple):
+  """Static settings of the functional core (see FeedbackLM for meanings)."""
+  n_layers: int
+  n_heads: int
+  head_dim: int
+  span: int
+  shared_kv: bool
+  dropout: float = 0.0
+
+
+def _normalize(x):
+  """Zero mean, unit variance over the last axis, in float32."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + EPSILON)
+
+
+def _layer_norm(x, scale, bias):
+  return (_normalize(x) * scale.astype(jnp.float32)
+          + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _dropout(x, rate, rng):
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def memory_kv(kv_weights, m, cfg):
+  """Keys and values of memories, for each key/value group.
+
+  Args:
+    kv_weights: (norm_scale (G, d), norm_bias (G, d), wk (G, d, H*dh),
+      wv (G, d, H*dh)); G = 1 when shared, else n_layers.
+    m: (..., d) memory vectors.
+    cfg: Config.
+
+  Returns:
+    k, v: (G, ..., H, dh) each, in m's dtype.
+  """
+  scale, bias, wk, wv = kv_weights
+  g, d = scale.shape
+  bshape = (g,) + (1,) * (m.ndim - 1) + (d,)
+  h = (_normalize(m)[None] * scale.reshape(bshape).astype(jnp.float32)
+       + bias.reshape(bshape).astype(jnp.float32)).astype(m.dtype)
+  out_shape = (g,) + m.shape[:-1] + (cfg.n_heads, cfg.head_dim)
+  k = jnp.einsum('g...d,gde->g...e', h, wk.astype(m.dtype)).reshape(out_shape)
+  v = jnp.einsum('g...d,gde->g...e', h, wv.astype(m.dtype)).reshape(out_shape)
+  return k, v
+
+
+def _push(buf, new, axis):
+  """FIFO: drops the oldest entry along `axis` and appends `new` at the end."""
+  new = jnp.expand_dims(new.astype(buf.dtype), axis)
+  rest = jax.lax.slice_in_dim(buf, 1, buf.shape[axis], axis=axis)
+  return jnp.concatenate([rest, new], axis=axis)
+
+
+def step(weights, cfg, x0, k_buf, v_buf, rng=None, offsets=None):
+  """All layers at one position, attending to the `span` previous memories.
+
+  Args:
+    weights: the model's weight tree (see FeedbackTransformer).
+    cfg: Config.
+    x0: (batch, d) embedding of the current token.
+    k_buf, v_buf: (G, batch, span, H, dh) keys/values of m_{t-span..t-1},
+      oldest first.
+    rng: dropout key, or None for no dropout.
+    offsets: optional (L+1, batch, d) added to each x_t^l as it is computed
+      (a probe for tests).
+
+  Returns:
+    top: (batch, d) x_t^L;  m: (batch, d) the memory m_t;
+    hidden: (L+1, batch, d) x_t^0..x_t^L.
+  """
+  _, key_pe, mem_logits, kv, layers, _ = weights
+  dtype = x0.dtype
+  norm_scale, norm_bias = kv[0], kv[1]
+  b = x0.shape[0]
+  h, dh = cfg.n_heads, cfg.head_dim
+  rngs = [None] * (2 * cfg.n_layers) if rng is None else list(
+      jax.random.split(rng, 2 * cfg.n_layers))
+  x = x0 if offsets is None else x0 + offsets[0]
+  hidden = [x]
+  pe = key_pe.astype(dtype)
+  for l, (wq, wo, n2s, n2b, w1, b1, w2, b2) in enumerate(layers):
+    g = 0 if cfg.shared_kv else l
+    q = (_layer_norm(x, norm_scale[g], norm_bias[g]) @ wq.astype(dtype))
+    q = q.reshape(b, h, dh)
+    scores = (jnp.einsum('bhd,bshd->bhs', q, k_buf[g])
+              + jnp.einsum('bhd,ds->bhs', q, pe))
+    probs = jax.nn.softmax(scores.astype(jnp.float32) / math.sqrt(dh), axis=-1)
+    probs = _dropout(probs, cfg.dropout, rngs[2 * l]).astype(dtype)
+    att = jnp.einsum('bhs,bshd->bhd', probs, v_buf[g]).reshape(b, h * dh)
+    x = x + att @ wo.astype(dtype)
+    ff = jax.nn.relu(_layer_norm(x, n2s, n2b) @ w1.astype(dtype) + b1.astype(dtype))
+    ff = _dropout(ff, cfg.dropout, rngs[2 * l + 1])
+    x = x + ff @ w2.astype(dtype) + b2.astype(dtype)
+    if offsets is not None:
+      x = x + offsets[l + 1]
+    hidden.append(x)
+  hidden = jnp.stack(hidden)
+  mix = jax.nn.softmax(mem_logits.astype(jnp.float32)).astype(dtype)
+  m = jnp.einsum('l,lbd->bd', mix, hidden)
+  return x, m, hidden
+
+
+def feedback_forward(weights, cfg, emb, block_len=None, truncate_gradients=True,
+                     rng=None, remat=False, offsets=None):
+  """Sequential forward over whole sequences, starting from an empty memory.
+
+  Args:
+    weights: the model's weight tree.
+    cfg: Config.
+    emb: (batch, length, d) token embeddings x^0.
+    block_len: positions per block (None: the whole sequence is one block).
+    truncate_gradients: stop gradients into memories older than the block.
+    rng: dropout key (None: no dropout).
+    remat: recompute each block in the backward pass (saves memory).
+    offsets: optional (batch, length, L+1, d) probe added to each x_t^l.
+
+  Returns:
+    top: (batch, length, d) the last layer's outputs x^L;
+    hidden: (batch, length, L+1, d) all x_t^l, or None without `offsets`.
+  """
+  b, t, d = emb.shape
+  blk = min(block_len or t, t)
+  n_blocks = -(-t // blk)
+  pad = n_blocks * blk - t
+  emb = jnp.pad(emb, ((0, 0), (0, pad), (0, 0)))
+  xs = emb.reshape(b, n_blocks, blk, d).transpose(1, 2, 0, 3)  # (nb, blk, b, d)
+  if offsets is not None:
+    offsets = jnp.pad(offsets, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    offsets = offsets.reshape(b, n_blocks, blk, -1, d).transpose(1, 2, 3, 0, 4)
+  positions = jnp.arange(n_blocks * blk).reshape(n_blocks, blk)
+  kv = weights[3]
+  m0 = jnp.zeros((b, cfg.span, d), emb.dtype)
+  k0, v0 = memory_kv(kv, m0, cfg)
+
+  def one_position(carry, inputs):
+    m_buf, k_buf, v_buf = carry
+    x0, pos, off = inputs
+    r = None if rng is None else jax.random.fold_in(rng, pos)
+    top, m, hidden = step(weights, cfg, x0, k_buf, v_buf, r, off)
+    k_new, v_new = memory_kv(kv, m, cfg)
+    carry = (_push(m_buf, m, 1), _push(k_buf, k_new, 2), _push(v_buf, v_new, 2))
+    return carry, (top, hidden if off is not None else None)
+
+  def one_block(carry, inputs):
+    m_buf, k_buf, v_buf = carry
+    if truncate_gradients:  # as the official trainer: detach, recompute k, v
+      m_buf = jax.lax.stop_gradient(m_buf)
+      k_buf, v_buf = memory_kv(kv, m_buf, cfg)
+    return jax.lax.scan(one_position, (m_buf, k_buf, v_buf), inputs)
+
+  if remat:
+    one_block = jax.checkpoint(one_block)
+  _, (top, hidden) = jax.lax.scan(one_block, (m0, k0, v0), (xs, positions, offsets))
+  top = top.reshape(n_blocks * blk, b, d).transpose(1, 0, 2)[:, :t]
+  if hidden is not None:
+    hidden = hidden.reshape(n_blocks * blk, -1, b, d).transpose(2, 0, 1, 3)[:, :t]
+  return top, hidden
+
+
+def output_logits(weights, x):
+  """(..., d) -> (..., vocab): LN_out then the output projection."""
+  scale, bias, w_out, b_out = weights[5]
+  h = _layer_norm(x, scale, bias)
+  return h @ w_out.astype(x.dtype) + b_out.astype(x.dtype)
+
+
+def _embed(table, ids):
+  """Embedding lookup; a one-hot matmul for small vocabularies (its gradient
+  is a matmul, not a colliding scatter-add; see training.model.Embedding)."""
+  if table.shape[0] > 2048:
+    return jnp.take(table, ids, axis=0)
+  one_hot = jax.nn.one_hot(ids, table.shape[0], dtype=table.dtype)
+  return jnp.dot(one_hot, table, precision=jax.lax.Precision.HIGHEST)
+
+
+def _uniform(rng, shape, fan_in, divide=1.0):
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(rng, shape, jnp.float32, -bound, bound) / divide
+
+
+class FeedbackTransformer(base.Layer):
+  """(batch, length) int32 -> (batch, length, vocab) logits; see module doc.
+
+  Weights (nested tuple):
+    embed (V, d); key_pe (dh, span); mem_logits (L+1,);
+    kv: (norm_scale (G, d), norm_bias (G, d), wk (G, d, H dh), wv (G, d, H dh));
+    layers: L x (wq (d, H dh), wo (H dh, d), norm2_scale (d,), norm2_bias (d,),
+                 w1 (d, d_ff), b1 (d_ff,), w2 (d_ff, d), b2 (d,));
+    head: (norm_scale (d,), norm_bias (d,), w_out (d, V), b_out (V,)).
+  'predict' state: (keys (G, batch, span, H, dh), values (same), position).
+  """
+
+  def __init__(self, vocab_size, d_model, d_ff, cfg, block_len, truncate_gradients,
+               max_len, mode):
+    super().__init__(name=f'FeedbackTransformer_L{cfg.n_layers}_S{cfg.span}')
+    self._vocab_size, self._d_model, self._d_ff = vocab_size, d_model, d_ff
+    self._cfg = cfg
+    self._block_len = block_len
+    self._truncate = truncate_gradients
+    self._max_len = max_len
+    self._mode = mode
+
+  @property
+  def config(self):
+    return self._cfg
+
+  def _check_length(self, length):
+    if self._mode != 'predict' and length > self._max_len:
+      raise ValueError(f'Input length {length} exceeds FeedbackLM max_len '
+                       f'{self._max_len}; raise max_len or shorten seq_len.')
+
+  def forward(self, ids):
+    weights = self.weights
+    dtype = weights[0].dtype
+    emb = _embed(weights[0], ids).astype(dtype)
+    if self._mode == 'predict':
+      k_buf, v_buf, pos = self.state
+
+      def one_token(carry, x0):
+        k, v = carry
+        top, m, _ = step(weights, self._cfg, x0, k.astype(dtype), v.astype(dtype))
+        k_new, v_new = memory_kv(weights[3], m, self._cfg)
+        return (_push(k, k_new, 2), _push(v, v_new, 2)), top
+
+      (k_buf, v_buf), top = jax.lax.scan(one_token, (k_buf, v_buf),
+                                         emb.transpose(1, 0, 2))
+      self.state = (k_buf, v_buf, pos + ids.shape[1])
+      top = top.transpose(1, 0, 2)
+    else:
+      self._check_length(ids.shape[1])
+      train = self._mode == 'train'
+      rng = self.rng if train and self._cfg.dropout > 0 else None
+      top, _ = feedback_forward(weights, self._cfg, emb, self._block_len,
+                                self._truncate, rng=rng, remat=train)
+    return output_logits(weights, top)
+
+  def init_weights_and_state(self, input_signature):
+    b, length = input_signature.shape[:2]
+    self._check_length(length)
+    cfg, d, f, v = self._cfg, self._d_model, self._d_ff, self._vocab_size
+    n, hd = cfg.n_layers, cfg.n_heads * cfg.head_dim
+    g = 1 if cfg.shared_kv else n
+    out_div = math.sqrt(2 * n)
+    rngs = iter(jax.random.split(self.rng, 8 + 6 * n))
+    kv = (jnp.ones((g, d)), jnp.zeros((g, d)),
+          _uniform(next(rngs), (g, d, hd), d), _uniform(next(rngs), (g, d, hd), d))
+    layers = tuple(
+        (_uniform(next(rngs), (d, hd), d),
+         _uniform(next(rngs), (hd, d), hd, out_div),
+         jnp.ones((d,)), jnp.zeros((d,)),
+         _uniform(next(rngs), (d, f), d), _uniform(next(rngs), (f,), d),
+         _uniform(next(rngs), (f, d), f, out_div),
+         _uniform(next(rngs), (d,), f, out_div))
+        for _ in range(n))
+    head = (jnp.ones((d,)), jnp.zeros((d,)),
+            _uniform(next(rngs), (d, v), d), _uniform(next(rngs), (v,), d))
+    self.weights = (jax.random.normal(next(rngs), (v, d)),
+                    jax.random.normal(next(rngs), (cfg.head_dim, cfg.span)),
+                    jnp.zeros((n + 1,)), kv, layers, head)
+    if self._mode == 'predict':
+      shape = (g, b, cfg.span, cfg.n_heads, cfg.head_dim)
+      k0, v0 = memory_kv(kv, jnp.zeros((b, cfg.span, d)), cfg)
+      assert k0.shape == shape
+      self.state = (k0, v0, jnp.zeros((), jnp.int32))
+
+
+def _positive_int(name, value):
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f'FeedbackLM {name} must be a positive integer, not {value!r}.')
+
+
+@gin.configurable(module='feedback')
+def FeedbackLM(vocab_size, d_model=256, d_ff=1024, n_layers=4, n_heads=4,
+               head_dim=None, span=100, block_len=64, truncate_gradients=True,
+               shared_kv=False, dropout=0.0, max_len=2048, mode='train'):
+  """The Feedback Transformer language model.
+
+  Args:
+    vocab_size: number of token ids.
+    d_model: width of the residual stream.
+    d_ff: feed-forward hidden width.
+    n_layers: layers (L); the memory mixes L+1 states (embedding included).
+    n_heads: attention heads.
+    head_dim: width of a head (default d_model // n_heads).
+    span: memories each position attends to (official `attn_lim`); positive
+      and at most max_len.
+    block_len: positions per training block (official `mem_sz`): the unit of
+      rematerialisation and of gradient truncation; positive, at most max_len.
+    truncate_gradients: no gradient into memories older than the current block
+      (the official trainer's detach); False backpropagates through the whole
+      sequence.
+    shared_kv: one key/value projection (and its LayerNorm) for all layers
+      (`--share-proj-kv`); False gives each layer its own.
+    dropout: dropout on attention probabilities and the feed-forward hidden
+      layer, in 'train' mode.
+    max_len: longest training/eval sequence (predict mode decodes without
+      limit at constant cost per token).
+    mode: 'train', 'eval' or 'predict'.
+
+  Returns:
+    A layer (batch, length) int32 -> (batch, length, vocab_size) logits.
+  """
+  if mode not in MODES:
+    raise ValueError(f'FeedbackLM mode must be one of {MODES}, not {mode!r}.')
+  for name in ('vocab_size', 'd_model', 'd_ff', 'n_layers', 'n_heads', 'span',
+               'block_len', 'max_len'):
+    _positive_int(name, locals()[name])
+  if head_dim is None:
+    if d_model % n_heads:
+      raise ValueError(f'FeedbackLM d_model ({d_model}) must be a multiple of '
+                       f'n_heads ({n_heads}), or set head_dim.')
+    head_dim = d_model // n_heads
+  _positive_int('head_dim', head_dim)
+  for name, value in (('span', span), ('block_len', block_len)):
+    if value > max_len:
+      raise ValueError(f'FeedbackLM {name} ({value}) is longer than the sequence '
+                       f'(max_len {max_len}); use a {name} of at most {max_len}.')
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'FeedbackLM dropout must be in [0, 1), not {dropout!r}.')
+  cfg = Config(n_layers, n_heads, head_dim, span, bool(shared_kv),
+               float(dropout) if mode == 'train' else 0.0)
+  return FeedbackTransformer(vocab_size, d_model, d_ff, cfg, block_len,
+                             bool(truncate_gradients), max_len, mode)
