@@ -12,6 +12,7 @@ import trax.supervised.lr_schedules
 
 import feedback.model
 import primer_trax.layers
+import primer_trax.models
 import terraformer.models
 import training.model
 import training.run

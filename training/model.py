@@ -163,29 +163,55 @@ def FeedForward(d_model, d_ff, activation=tl.Gelu, dropout=0.0, mode='train'):
   )
 
 
+RESIDUALS = ('prenorm', 'prepost', 'rezero')
+
+
 def DecoderBlock(d_model, d_ff, n_heads, dropout=0.0, max_len=2048,
-                 activation=tl.Gelu, mode='train', qkv_layer=None):
-  """Pre-norm attention and feed-forward residual blocks.
+                 activation=tl.Gelu, mode='train', qkv_layer=None,
+                 ff_layer=None, norm=LayerNorm, residual='prenorm',
+                 token_shift=False, attention_layer=None):
+  """Attention and feed-forward residual blocks (pre-norm by default).
 
   (batch, length, d_model) -> (batch, length, d_model).
+
+  The other arguments are the ablation lab's switches (primer_trax.variants);
+  their defaults give the baseline:
+    ff_layer: called like `FeedForward` (d_model, d_ff, activation, dropout,
+      mode); default `FeedForward`.
+    norm: norm layer class, called with no arguments (e.g. RMSNorm).
+    residual: 'prenorm': x + drop(f(norm(x))) for both sublayers;
+      'prepost' (full Primer's PrePostNormLayerStack): attention pre-norm,
+      feed-forward x + drop(norm(f(x)));
+      'rezero': x + a * drop(f(x)), no norms, one scalar a per block.
+    token_shift: shift half the channels by one token at the start of each
+      residual branch (after its pre-norm).
+    attention_layer: called like `CausalSelfAttention`; default that.
   """
-  return [
-      tl.Residual(
-          LayerNorm(),
-          CausalSelfAttention(d_model, n_heads, max_len=max_len, mode=mode,
-                              qkv_layer=qkv_layer),
-          tl.Dropout(rate=dropout, mode=mode)),
-      tl.Residual(
-          LayerNorm(),
-          FeedForward(d_model, d_ff, activation, dropout, mode),
-          tl.Dropout(rate=dropout, mode=mode)),
-  ]
+  if residual not in RESIDUALS:
+    raise ValueError(f'residual must be one of {RESIDUALS}, not {residual!r}.')
+  attention = (attention_layer or CausalSelfAttention)(
+      d_model, n_heads, max_len=max_len, mode=mode, qkv_layer=qkv_layer)
+  ff = (ff_layer or FeedForward)(d_model, d_ff, activation, dropout, mode)
+  if token_shift or residual == 'rezero':
+    from primer_trax import variants  # pylint: disable=g-import-not-at-top
+  # No empty placeholders: the baseline's weight tree stays as it was.
+  shift = lambda: [variants.TokenShift(mode=mode)] if token_shift else []
+  drop = lambda: tl.Dropout(rate=dropout, mode=mode)
+  if residual == 'rezero':
+    return variants.ReZero(tl.Serial(*shift(), attention, drop()),
+                           tl.Serial(*shift(), ff, drop()))
+  if residual == 'prepost':
+    ff_branch = tl.Residual(*shift(), ff, norm(), drop())
+  else:
+    ff_branch = tl.Residual(norm(), *shift(), ff, drop())
+  return [tl.Residual(norm(), *shift(), attention, drop()), ff_branch]
 
 
 @gin.configurable(module='training')
 def DecoderLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
               max_len=2048, dropout=0.0, activation=tl.Gelu, qkv_layer=None,
-              mode='train'):
+              mode='train', ff_layer=None, norm=LayerNorm, residual='prenorm',
+              token_shift=False, attention_layer=None):
   """The baseline decoder-only Transformer language model.
 
   Args:
@@ -200,6 +226,8 @@ def DecoderLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
     qkv_layer: optional qkv_layer(mode=...) -> layer applied to the fused Q/K/V
       projections in every attention (e.g. `primer_trax.layers.MultiDConv`).
     mode: 'train', 'eval' or 'predict'.
+    ff_layer, norm, residual, token_shift, attention_layer: the ablation
+      lab's switches, see `DecoderBlock` (norm is also the final norm).
 
   Returns:
     A layer (batch, length) int32 -> (batch, length, vocab_size) logits.
@@ -210,8 +238,10 @@ def DecoderLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
       Embedding(vocab_size, d_model),
       tl.PositionalEncoding(max_len=max_len, mode=mode),
       [DecoderBlock(d_model, d_ff, n_heads, dropout, max_len, activation, mode,
-                    qkv_layer) for _ in range(n_layers)],
-      LayerNorm(),
+                    qkv_layer, ff_layer=ff_layer, norm=norm, residual=residual,
+                    token_shift=token_shift, attention_layer=attention_layer)
+       for _ in range(n_layers)],
+      norm(),
       tl.Dense(vocab_size),
   )
 
