@@ -186,7 +186,6 @@ def feedback_forward(weights, cfg, emb, block_len=None, truncate_gradients=True,
   positions = jnp.arange(n_blocks * blk).reshape(n_blocks, blk)
   kv = weights[3]
   m0 = jnp.zeros((b, cfg.span, d), emb.dtype)
-  k0, v0 = memory_kv(kv, m0, cfg)
 
   def one_position(carry, inputs):
     m_buf, k_buf, v_buf = carry
@@ -194,19 +193,27 @@ def feedback_forward(weights, cfg, emb, block_len=None, truncate_gradients=True,
     r = None if rng is None else jax.random.fold_in(rng, pos)
     top, m, hidden = step(weights, cfg, x0, k_buf, v_buf, r, off)
     k_new, v_new = memory_kv(kv, m, cfg)
-    carry = (_push(m_buf, m, 1), _push(k_buf, k_new, 2), _push(v_buf, v_new, 2))
+    if m_buf is not None:
+      m_buf = _push(m_buf, m, 1)
+    carry = (m_buf, _push(k_buf, k_new, 2), _push(v_buf, v_new, 2))
     return carry, (top, hidden if off is not None else None)
 
+  # Truncated: blocks pass on the memories, each block detaches them and
+  # recomputes their keys/values (as the official trainer).  Otherwise blocks
+  # pass on the keys/values and no memory buffer is kept.
   def one_block(carry, inputs):
-    m_buf, k_buf, v_buf = carry
-    if truncate_gradients:  # as the official trainer: detach, recompute k, v
-      m_buf = jax.lax.stop_gradient(m_buf)
+    if truncate_gradients:
+      m_buf = jax.lax.stop_gradient(carry)
       k_buf, v_buf = memory_kv(kv, m_buf, cfg)
-    return jax.lax.scan(one_position, (m_buf, k_buf, v_buf), inputs)
+      (m_buf, _, _), out = jax.lax.scan(one_position, (m_buf, k_buf, v_buf), inputs)
+      return m_buf, out
+    (_, k_buf, v_buf), out = jax.lax.scan(one_position, (None,) + carry, inputs)
+    return (k_buf, v_buf), out
 
   if remat:
     one_block = jax.checkpoint(one_block)
-  _, (top, hidden) = jax.lax.scan(one_block, (m0, k0, v0), (xs, positions, offsets))
+  init = m0 if truncate_gradients else memory_kv(kv, m0, cfg)
+  _, (top, hidden) = jax.lax.scan(one_block, init, (xs, positions, offsets))
   top = top.reshape(n_blocks * blk, b, d).transpose(1, 0, 2)[:, :t]
   if hidden is not None:
     hidden = hidden.reshape(n_blocks * blk, -1, b, d).transpose(2, 0, 1, 3)[:, :t]
@@ -243,7 +250,8 @@ class FeedbackTransformer(base.Layer):
     layers: L x (wq (d, H dh), wo (H dh, d), norm2_scale (d,), norm2_bias (d,),
                  w1 (d, d_ff), b1 (d_ff,), w2 (d_ff, d), b2 (d,));
     head: (norm_scale (d,), norm_bias (d,), w_out (d, V), b_out (V,)).
-  'predict' state: (keys (G, batch, span, H, dh), values (same), position).
+  'predict' state: (keys (G, batch, span, H, dh), values (same), position);
+  slots not yet written (position < span) stand for the zero memory.
   """
 
   def __init__(self, vocab_size, d_model, d_ff, cfg, block_len, truncate_gradients,
@@ -253,7 +261,7 @@ class FeedbackTransformer(base.Layer):
     self._cfg = cfg
     self._block_len = block_len
     self._truncate = truncate_gradients
-    self._max_len = max_len
+    self._max_train_len = max_len
     self._mode = mode
 
   @property
@@ -261,9 +269,9 @@ class FeedbackTransformer(base.Layer):
     return self._cfg
 
   def _check_length(self, length):
-    if self._mode != 'predict' and length > self._max_len:
+    if self._mode != 'predict' and length > self._max_train_len:
       raise ValueError(f'Input length {length} exceeds FeedbackLM max_len '
-                       f'{self._max_len}; raise max_len or shorten seq_len.')
+                       f'{self._max_train_len}; raise max_len or shorten seq_len.')
 
   def forward(self, ids):
     weights = self.weights
@@ -271,15 +279,23 @@ class FeedbackTransformer(base.Layer):
     emb = _embed(weights[0], ids).astype(dtype)
     if self._mode == 'predict':
       k_buf, v_buf, pos = self.state
+      # Slots not yet written hold the zero memory, whose keys/values depend
+      # on the weights: computed here, not stored at init.
+      k_zero, v_zero = memory_kv(weights[3], jnp.zeros((1, 1, self._d_model), dtype),
+                                 self._cfg)
+      slots = jnp.arange(self._cfg.span)[None, None, :, None, None]
 
       def one_token(carry, x0):
-        k, v = carry
-        top, m, _ = step(weights, self._cfg, x0, k.astype(dtype), v.astype(dtype))
+        k, v, p = carry
+        empty = slots < self._cfg.span - p
+        k_in = jnp.where(empty, k_zero, k.astype(dtype))
+        v_in = jnp.where(empty, v_zero, v.astype(dtype))
+        top, m, _ = step(weights, self._cfg, x0, k_in, v_in)
         k_new, v_new = memory_kv(weights[3], m, self._cfg)
-        return (_push(k, k_new, 2), _push(v, v_new, 2)), top
+        return (_push(k, k_new, 2), _push(v, v_new, 2), p + 1), top
 
-      (k_buf, v_buf), top = jax.lax.scan(one_token, (k_buf, v_buf),
-                                         emb.transpose(1, 0, 2))
+      (k_buf, v_buf, _), top = jax.lax.scan(one_token, (k_buf, v_buf, pos),
+                                            emb.transpose(1, 0, 2))
       self.state = (k_buf, v_buf, pos + ids.shape[1])
       top = top.transpose(1, 0, 2)
     else:
@@ -315,9 +331,7 @@ class FeedbackTransformer(base.Layer):
                     jnp.zeros((n + 1,)), kv, layers, head)
     if self._mode == 'predict':
       shape = (g, b, cfg.span, cfg.n_heads, cfg.head_dim)
-      k0, v0 = memory_kv(kv, jnp.zeros((b, cfg.span, d)), cfg)
-      assert k0.shape == shape
-      self.state = (k0, v0, jnp.zeros((), jnp.int32))
+      self.state = (jnp.zeros(shape), jnp.zeros(shape), jnp.zeros((), jnp.int32))
 
 
 def _positive_int(name, value):
