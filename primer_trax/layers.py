@@ -49,13 +49,18 @@ class CausalDepthwiseConv(base.Layer):
   def forward(self, x):
     w = self.weights.astype(x.dtype)
     k = self._kernel_size
-    if self._mode == 'predict':
-      history = jnp.concatenate([self.state.astype(x.dtype), x], axis=1)
-      self.state = history[:, -(k - 1):].astype(self.state.dtype) if k > 1 else self.state
-    else:
-      history = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
     t = x.shape[1]
     out = x * w[0]
+    if self._mode != 'predict':
+      # Each tap shifts x on its own (no shared padded copy of x), so XLA can
+      # fuse the whole sum into one elementwise pass and keep only x for the
+      # backward pass.
+      for i in range(1, min(k, t)):  # taps past the start see only zeros
+        out = out + jnp.pad(x[:, :t - i], ((0, 0), (i, 0), (0, 0))) * w[i]
+      return out
+    history = jnp.concatenate([self.state.astype(x.dtype), x], axis=1)
+    if k > 1:
+      self.state = history[:, -(k - 1):].astype(self.state.dtype)
     for i in range(1, k):  # history[k-1-i : k-1-i+t] is x shifted right by i
       out = out + history[:, k - 1 - i:k - 1 - i + t] * w[i]
     return out
