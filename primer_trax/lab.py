@@ -416,7 +416,8 @@ def plot(runs, names, path_tokens, path_time):
     ax.set_ylabel('training loss (nats/token)')
     ax.set_title('training loss, mean over seeds (band: min to max)')
     ax.grid(alpha=0.3)
-    ax.legend()
+    if upper:
+      ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

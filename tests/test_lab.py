@@ -131,3 +131,30 @@ def test_train_py_trains_and_decodes_a_variant(tmp_path, capsys):
   assert "VariantLM.variant = 'token_shift'" in config
   printed = capsys.readouterr().out
   assert 'train step 2' in printed and 'sample: ' in printed  # predict mode decodes
+
+
+def test_read_curve_times_and_resumed_duplicates(tmp_path):
+  """seconds = sum of interval steps * batch * seq / tokens_per_s; a step
+  logged twice (resumed run) keeps its last record."""
+  records = [('train', 2, 5.0, 100.0), ('train', 4, 4.0, 200.0), ('eval', 4, 3.9, None),
+             ('train', 4, 3.5, 400.0), ('train', 6, 3.0, 50.0)]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    for split, step, loss, tps in records:
+      r = {'split': split, 'step': step, 'time': 0.0, 'loss': loss}
+      if tps:
+        r['tokens_per_s'] = tps
+      f.write(json.dumps(r) + '\n')
+  curve = lab.read_curve(str(tmp_path), batch_size=2, seq_len=5)
+  assert [c[0] for c in curve] == [2, 4, 6]
+  assert [c[1] for c in curve] == [20, 40, 60]
+  assert [c[3] for c in curve] == [5.0, 3.5, 3.0]
+  assert [c[2] for c in curve] == pytest.approx([0.2, 0.2 + 0.05, 0.25 + 0.4])
+  assert lab._first_reaching(curve, 3.6) == (4, pytest.approx(0.25))  # pylint: disable=protected-access
+  assert lab._first_reaching(curve, 2.0) is None  # pylint: disable=protected-access
+
+
+def test_report_only_without_runs_lists_them_as_missing(tmp_path):
+  args = _args(str(tmp_path), '--report_only')
+  report = open(lab.run_sweep(args)).read()
+  assert '| baseline | 0 |' in report
+  assert 'Not finished (rerun the command to train them): baseline seed 0, primer_ez seed 0' in report
