@@ -3,6 +3,7 @@ import json
 import os
 import re
 
+import gin
 import pytest
 
 from primer_trax import lab
@@ -20,11 +21,19 @@ def _args(out, *extra):
                         + list(extra))
 
 
+@pytest.fixture(autouse=True)
+def _no_gin_left_behind():
+  """The lab configures gin in-process; later tests must not see it."""
+  yield
+  gin.clear_config()
+
+
 @pytest.fixture(scope='module')
 def sweep(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('lab'))
   report = lab.run_sweep(_args(out), log=lambda *a: None)
-  return out, report
+  gin.clear_config()
+  yield out, report
 
 
 def _row(report_text, name):
