@@ -6,6 +6,14 @@ Flags set the run (where, how long, which data); gin files and --gin_param
 set the model, optimizer and schedule (see gin/).  A flag given on the command
 line overrides the same setting in gin.  Rerunning the same command resumes
 from the newest checkpoint in --output_dir.
+
+Several devices: every local device is used (data parallel: the global
+--batch_size is split across them; --num_devices uses fewer, and
+--shard_optimizer splits the optimizer state across them).  Several hosts:
+start the same command on every host with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or --distributed on SLURM, Open MPI and
+TPU pods, or with JAX_COORDINATOR_ADDRESS etc. set, where JAX detects them);
+--output_dir must then be on a filesystem all hosts share.
 """
 
 import os
@@ -45,12 +53,51 @@ flags.DEFINE_enum('compute_dtype', None, ['float32', 'bfloat16', 'float16'],
 flags.DEFINE_integer('sample_length', None, 'tokens of text generated at the end.')
 flags.DEFINE_string('sample_prompt', None, 'prompt of the text generated at the end.')
 flags.DEFINE_bool('tensorboard', None, 'write TensorBoard event files.')
+flags.DEFINE_integer('num_devices', None,
+                     'train on the first n local devices (default: all devices '
+                     'of all processes; the batch is split across them).')
+flags.DEFINE_bool('shard_optimizer', None,
+                  'split the optimizer slots across the devices (ZeRO-1) to '
+                  'save memory.')
+flags.DEFINE_string('coordinator_address', None,
+                    'HOST:PORT of process 0, to train with several processes '
+                    '(jax.distributed); with --num_processes and --process_id.')
+flags.DEFINE_integer('num_processes', None, 'number of processes (jax.distributed).')
+flags.DEFINE_integer('process_id', None, "this process's index, 0 .. num_processes-1.")
+flags.DEFINE_bool('distributed', False,
+                  'initialise jax.distributed, detecting the cluster (SLURM, '
+                  'Open MPI, TPU, JAX_COORDINATOR_ADDRESS) for flags not given.')
 
 # Flags that map one to one onto arguments of training.run.train.
 _TRAIN_ARGS = ('steps', 'eval_every', 'log_every', 'checkpoint_every',
                'keep_checkpoints', 'seed', 'dataset', 'tokenizer', 'vocab_file',
                'data_dir', 'batch_size', 'seq_len', 'compute_dtype',
-               'sample_length', 'sample_prompt', 'tensorboard')
+               'sample_length', 'sample_prompt', 'tensorboard', 'num_devices',
+               'shard_optimizer')
+
+
+def init_distributed(coordinator_address=None, num_processes=None,
+                     process_id=None, auto=False):
+  """Starts jax.distributed if the flags or JAX_COORDINATOR_ADDRESS ask for it.
+
+  Must run before JAX touches a device.  Returns whether it started; raises
+  ValueError (a message naming the flags) if it cannot.
+  """
+  given = [coordinator_address, num_processes, process_id]
+  if not (auto or any(v is not None for v in given)
+          or os.environ.get('JAX_COORDINATOR_ADDRESS')):
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
+  except (ValueError, TypeError, RuntimeError) as e:
+    raise ValueError(
+        f'cannot start jax.distributed ({_first_line(e)}); give all of '
+        '--coordinator_address=HOST:PORT, --num_processes and --process_id, '
+        'or run where JAX detects the cluster (SLURM, Open MPI, TPU).') from None
+  return True
 
 
 def parse_gin(files, bindings):
@@ -93,6 +140,12 @@ def main(argv):
                          '(it is resumed if it holds checkpoints).')
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
+  try:
+    init_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                     FLAGS.process_id, FLAGS.distributed)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   from training import run  # pylint: disable=g-import-not-at-top
   try:
     parse_gin(FLAGS.gin_file, FLAGS.gin_param)

@@ -11,6 +11,13 @@ crash leaves either the whole checkpoint or none.  Only the newest `keep` are
 kept.  Restoring checks the hash (corruption) and every leaf's shape and dtype
 against the model being restored into (incompatibility), and fails with a
 clear `CheckpointError` without touching any file.
+
+Several devices and processes: a checkpoint always holds whole (global)
+arrays, gathered to the host by `save` (arrays split across processes are
+all-gathered, so every process calls `save`; only process 0 writes, and all
+wait until it has).  `restore` returns host arrays that the caller places
+with its current sharding, so a run can resume on any device count.  With
+several processes the run directory must be on a filesystem they share.
 """
 
 import hashlib
@@ -72,11 +79,45 @@ def latest(run_dir):
   return paths[-1] if paths else None
 
 
+def to_host(tree):
+  """Every leaf as a numpy array of its global value, on any process.
+
+  Arrays split across processes are all-gathered, so with several processes
+  every process must call this at the same point.
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree_util.tree_map(get, tree)
+
+
+def _sync(name):
+  """Waits for every process to reach this point (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def save(run_dir, step, trees, metadata=None, keep=3):
   """Writes `trees` (a dict of name -> pytree of arrays) as the step's checkpoint.
 
   Returns the checkpoint's path.  Older checkpoints beyond `keep` are removed.
+  Device arrays, sharded or not, are gathered to the host first; with several
+  processes every process must call this, and only process 0 writes.
   """
+  host = {name: to_host(tree) for name, tree in trees.items()}
+  final = os.path.join(checkpoint_dir(run_dir), f'{_PREFIX}{step:09d}')
+  if jax.process_index() == 0:
+    _write(run_dir, step, host, metadata, keep)
+  _sync(f'checkpoint {final}')
+  return final
+
+
+def _write(run_dir, step, trees, metadata, keep):
   root = checkpoint_dir(run_dir)
   os.makedirs(root, exist_ok=True)
   final = os.path.join(root, f'{_PREFIX}{step:09d}')
@@ -85,7 +126,7 @@ def save(run_dir, step, trees, metadata=None, keep=3):
   os.makedirs(tmp)
   arrays, leaves = {}, {}
   for name, tree in trees.items():
-    flat = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+    flat = jax.tree_util.tree_leaves(tree)
     leaves[name] = [[list(x.shape), x.dtype.name] for x in flat]
     for i, x in enumerate(flat):
       arrays[f'{name}/{i}'] = _to_storable(x)
@@ -106,7 +147,6 @@ def save(run_dir, step, trees, metadata=None, keep=3):
   os.replace(tmp, final)
   for old in list_checkpoints(run_dir)[:-keep] if keep else []:
     shutil.rmtree(old, ignore_errors=True)
-  return final
 
 
 def read_metadata(path):
@@ -137,7 +177,8 @@ def restore(path, templates):
       expected (e.g. freshly initialised weights and optimizer slots).
 
   Returns:
-    (trees, meta): dict name -> pytree of numpy arrays, and the meta.json dict.
+    (trees, meta): dict name -> pytree of numpy arrays (whole arrays, whatever
+    the device count of the run that saved them), and the meta.json dict.
 
   Raises:
     CheckpointError: if the files are corrupted or do not fit `templates`.

@@ -9,6 +9,18 @@ Determinism: the batch, the dropout key and the learning rate of step s
 depend only on (seed, s), and the optimizer state is checkpointed, so a run
 resumed from a checkpoint computes exactly the losses an uninterrupted run
 would (on the same machine and software).
+
+Several devices: by default each global batch of `batch_size` sequences is
+split across all devices (of all processes, once `jax.distributed` is
+initialised, see train.py), with the weights replicated; `num_devices` uses
+the first n devices of one process instead, and `shard_optimizer` splits the
+optimizer slots across the devices (see `trainer.DataParallel`).  The losses
+equal the single-device ones up to float32 rounding.  Checkpoints hold whole
+arrays, written by process 0, so a run may resume on another device count:
+the restored arrays are laid out anew for the devices at hand (only the global
+batch size must divide by the new count).  Each process reads the global
+batch of every step and places only its own devices' rows; metrics, samples
+and checkpoints are written by process 0.
 """
 
 import json
@@ -37,6 +49,39 @@ DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 class UserError(Exception):
   """A problem the user can fix; the message says what and how."""
+
+
+class _NoMetrics:
+  """Stands in for the MetricsWriter on processes other than 0."""
+
+  def write(self, split, step, values):
+    pass
+
+  def close(self):
+    pass
+
+
+def _data_parallel(num_devices, shard_optimizer, batch_size):
+  """The DataParallel layout for this run, or None to train on one device."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if not 1 <= num_devices <= len(devices):
+      raise UserError(f'num_devices must be between 1 and the {len(devices)} '
+                      f'devices available, not {num_devices}.')
+    if jax.process_count() > 1 and num_devices != len(devices):
+      raise UserError(
+          f'num_devices {num_devices} differs from the {len(devices)} devices '
+          f'of the {jax.process_count()} processes; with several processes '
+          'every device is used: leave num_devices unset.')
+    devices = devices[:num_devices]
+  if len(devices) == 1:
+    return None
+  parallel = trainer_lib.DataParallel(devices, shard_optimizer)
+  try:
+    parallel.check_batch_size(batch_size)
+  except ValueError as e:
+    raise UserError(f'{e} (set --batch_size or --num_devices)') from None
+  return parallel
 
 
 def _default_optimizer():
@@ -110,7 +155,8 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
           data_dir=None, seed=0, compute_dtype='float32', log_every=50,
           eval_every=500, eval_batches=8, checkpoint_every=500,
           keep_checkpoints=3, tensorboard=True, sample_prompt='The ',
-          sample_length=200, sample_temperature=0.8):
+          sample_length=200, sample_temperature=0.8, num_devices=None,
+          shard_optimizer=False):
   """Trains `model` on `dataset` in `run_dir`, resuming if it holds checkpoints.
 
   Args:
@@ -122,7 +168,8 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
     lr_schedule: function step -> learning rate (default: trax multifactor,
       1e-3 with 100 warm-up steps).
     clip_grad_norm: clip the global gradient norm to this (None: no clipping).
-    batch_size, seq_len: batch shape in tokens.
+    batch_size, seq_len: global batch shape in tokens; batch_size must be a
+      multiple of the device count (each device gets batch_size / n rows).
     dataset, tokenizer, vocab_file, data_dir: see `training.data.make_dataset`.
     seed: seeds initialisation, data order, dropout and sampling.
     compute_dtype: 'float32', 'bfloat16' or 'float16' (weights stay float32).
@@ -133,6 +180,10 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
     tensorboard: also write TensorBoard event files.
     sample_prompt, sample_length, sample_temperature: the text generated at
       the end (sample_length 0 skips it; at most seq_len tokens in all).
+    num_devices: train on the first n local devices (None: all devices of all
+      processes; one device runs the single-device step unchanged).
+    shard_optimizer: split the optimizer slots across the devices (ZeRO-1);
+      no effect on one device.
 
   Returns:
     dict with the final 'step', last train 'loss', last 'eval_loss' (or None),
@@ -146,10 +197,14 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
     if value <= 0:
       raise UserError(f'{name} must be positive, not {value}.')
   dtype = DTYPES[compute_dtype]
+  parallel = _data_parallel(num_devices, shard_optimizer, batch_size)
+  n_devices = parallel.n_devices if parallel else 1
+  chief = jax.process_index() == 0
+  say = print if chief else lambda *a, **k: None
   os.makedirs(run_dir, exist_ok=True)
   ds = _make_dataset(dataset, tokenizer, vocab_file, data_dir, seq_len,
                      batch_size, seed, run_dir)
-  print(f'data: {ds.description}', flush=True)
+  say(f'data: {ds.description}', flush=True)
 
   optimizer = optimizer or _default_optimizer()
   lr_schedule = lr_schedule or _default_schedule()
@@ -161,6 +216,7 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
   n_params = trainer_lib.count_params(state.weights)
   flops_per_token = trainer_lib.train_flops_per_token(train_model, seq_len)
   peak = trainer_lib.device_peak_flops()
+  peak = peak and peak * n_devices
 
   start = 0
   last = ckpt_lib.latest(run_dir)
@@ -172,24 +228,35 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
       raise UserError(str(e)) from None
     state = trainer_lib.TrainState(trees['weights'], trees['slots'], state.state)
     start = meta['step']
-    print(f'resumed from {last} at step {start}', flush=True)
-  state = jax.device_put(state)
-  print(f'model: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs '
-        f'per token (train), device {jax.devices()[0].device_kind}, compute '
-        f'{compute_dtype}', flush=True)
+    say(f'resumed from {last} at step {start}', flush=True)
+  if parallel:  # replicated weights; slots replicated or split (ZeRO-1)
+    state = parallel.put_state(state)
+    put_batch = parallel.put_batch
+    devices = (f'{n_devices} x {jax.devices()[0].device_kind} '
+               f'({jax.process_count()} process(es), data parallel'
+               f'{", sharded optimizer" if shard_optimizer else ""})')
+  else:
+    state = jax.device_put(state)
+    put_batch = jax.device_put
+    devices = f'device {jax.devices()[0].device_kind}'
+  say(f'model: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs '
+      f'per token (train), {devices}, compute {compute_dtype}', flush=True)
 
   train_step = trainer_lib.make_train_step(
-      train_model, optimizer, lr_schedule, dtype, clip_grad_norm)
-  eval_step = trainer_lib.make_eval_step(eval_model, dtype)
+      train_model, optimizer, lr_schedule, dtype, clip_grad_norm, parallel)
+  eval_step = trainer_lib.make_eval_step(eval_model, dtype, parallel)
   host_lr = not trainer_lib.schedule_is_traceable(lr_schedule)
   held_out = ds.eval_batches(eval_batches)  # also gives bytes per token
   bytes_per_token = _bytes_per_token(ds, held_out) if held_out else 1.0
-  writer = metrics_lib.MetricsWriter(run_dir, tensorboard=tensorboard)
+  held_out = [put_batch(b) for b in held_out]
+  writer = (metrics_lib.MetricsWriter(run_dir, tensorboard=tensorboard)
+            if chief else _NoMetrics())
   vocab_path = getattr(ds.tokenizer, 'model_path', None)
   vocab_path = vocab_path and os.path.abspath(vocab_path)
   config_text = gin.config_str()
-  with open(os.path.join(run_dir, 'config.gin'), 'w') as f:
-    f.write(config_text)
+  if chief:
+    with open(os.path.join(run_dir, 'config.gin'), 'w') as f:
+      f.write(config_text)
 
   def evaluate(step):
     sums = np.zeros(3)
@@ -207,7 +274,7 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
         run_dir, step, {'weights': state.weights, 'slots': state.slots},
         metadata={'n_params': n_params, 'dataset': dataset,
                   'vocab_size': ds.vocab_size, 'vocab_file': vocab_path,
-                  'compute_dtype': compute_dtype,
+                  'compute_dtype': compute_dtype, 'n_devices': n_devices,
                   'gin_config': config_text},
         keep=keep_checkpoints)
 
@@ -218,7 +285,7 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
     for step, batch in zip(range(start, steps), ds.batches(start)):
       lr = (trainer_lib.host_learning_rate(lr_schedule, step) if host_lr
             else np.float32(0))
-      yield step, jax.device_put(batch), lr
+      yield step, put_batch(batch), lr
 
   for step, batch, lr in _prefetch(inputs()):
     state, step_metrics = train_step(state, step, batch, key, lr)
@@ -252,7 +319,7 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
       if pending:  # make sure the loss is finite before saving
         loss = float(jax.device_get(pending[-1]['loss']))
       path = save(done, loss)
-      print(f'checkpoint: {path}', flush=True)
+      say(f'checkpoint: {path}', flush=True)
       tick = time.time()
   if eval_every and steps % eval_every and start < steps:
     eval_loss = evaluate(steps)
@@ -261,8 +328,10 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
   sample = ''
   # Positions past seq_len were never trained: generate within the context.
   length = min(sample_length, seq_len - len(ds.tokenizer.encode(sample_prompt)))
-  if length > 0:
-    sample = generate_text(model, ds.tokenizer, ds.vocab_size, state.weights,
+  if length > 0 and chief:
+    # Replicated weights: decode on one device from the host copy.
+    weights = ckpt_lib.to_host(state.weights) if parallel else state.weights
+    sample = generate_text(model, ds.tokenizer, ds.vocab_size, weights,
                            sample_prompt, length, sample_temperature, seed, dtype)
     with open(os.path.join(run_dir, 'samples.txt'), 'a') as f:
       f.write(json.dumps({'step': steps, 'prompt': sample_prompt,

@@ -8,6 +8,15 @@ Mixed precision: weights and optimizer slots stay float32 ("master weights");
 inside the step they are cast to `compute_dtype` (e.g. bfloat16) before the
 model runs, so the matmuls run in that dtype while gradients arrive in float32
 through the cast.  The loss is computed in float32.
+
+Several devices: pass a `DataParallel` to `make_train_step` and the same step
+runs over a 1-D mesh of devices (one or many processes) with `jax.jit` and
+`jax.sharding`: each global batch is split along its batch dimension, the
+weights are replicated, and XLA inserts the gradient all-reduce.  With
+`shard_optimizer` the optimizer slots are split across the devices as well
+(ZeRO stage 1): each device keeps and updates 1/n of each slot array and the
+updated weights are all-gathered.  Without a `DataParallel` (one device) the
+step is exactly the single-device one.
 """
 
 import collections
@@ -110,7 +119,7 @@ def apply_optimizer(optimizer, step, grads, weights, slots, opt_params):
 
 
 def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
-                    clip_grad_norm=None):
+                    clip_grad_norm=None, parallel=None):
   """Returns `step_fn(train_state, step, batch, key, lr) -> (train_state, metrics)`.
 
   One jitted function (train_state donated): forward in `compute_dtype`,
@@ -122,6 +131,11 @@ def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
   as `lr` (see `host_learning_rate`); otherwise `lr` is ignored.
   Metrics are float32 device scalars: loss (mean nats per token), weight_sum,
   learning_rate, gradients_l2 (before clipping).
+
+  With `parallel` (a `DataParallel`), `train_state` and `batch` must be laid
+  out by `parallel.put_state` and `parallel.put_batch`; the step keeps that
+  layout (metrics come back replicated).  The loss is the mean over the global
+  batch, so the update equals the single-device one up to float32 rounding.
   """
   logits_fn = _logits_fn(model, compute_dtype)
   traced_lr = schedule_is_traceable(lr_schedule)
@@ -144,24 +158,40 @@ def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
       grads = clip_by_global_norm(grads, clip_grad_norm, grad_norm)
     lr = lr_schedule(step) if traced_lr else lr
     opt_params = dict(base_opt_params, learning_rate=jnp.asarray(lr, jnp.float32))
+    if parallel is not None and parallel.shard_optimizer:
+      # Reduce-scatter the gradients to the slots' layout: each device updates
+      # its part of every array; the replicated weights are gathered after.
+      grads = parallel.constrain(grads, parallel.slot_sharding)
+      weights = parallel.constrain(weights, parallel.slot_sharding)
     new_weights, new_slots = apply_optimizer(
         optimizer, step, grads, weights, slots, opt_params)
     metrics = {'loss': mean, 'weight_sum': weight_sum,
                'learning_rate': opt_params['learning_rate'],
                'gradients_l2': grad_norm}
-    return TrainState(new_weights, new_slots, new_state), metrics
+    new_train_state = TrainState(new_weights, new_slots, new_state)
+    if parallel is not None:
+      new_train_state = parallel.constrain_state(new_train_state)
+      metrics = parallel.constrain(metrics, parallel.replicated_sharding)
+    return new_train_state, metrics
 
   return jax.jit(step_fn, donate_argnums=(0,))
 
 
-def make_eval_step(model, compute_dtype=None):
-  """Returns jitted `eval_fn(weights, state, batch) -> (loss_sum, weight_sum, correct)`."""
+def make_eval_step(model, compute_dtype=None, parallel=None):
+  """Returns jitted `eval_fn(weights, state, batch) -> (loss_sum, weight_sum, correct)`.
+
+  With `parallel`, pass weights and batch laid out by it; the sums come back
+  replicated.
+  """
   logits_fn = _logits_fn(model, compute_dtype)
   def eval_fn(weights, state, batch):
     inputs, targets, token_weights = batch
     logits, _ = logits_fn(weights, state, inputs, jax.random.PRNGKey(0))
     loss_sum, weight_sum = cross_entropy(logits, targets, token_weights)
-    return loss_sum, weight_sum, accuracy_sum(logits, targets, token_weights)
+    sums = loss_sum, weight_sum, accuracy_sum(logits, targets, token_weights)
+    if parallel is not None:
+      sums = parallel.constrain(sums, parallel.replicated_sharding)
+    return sums
   return jax.jit(eval_fn)
 
 
@@ -175,6 +205,102 @@ def init_train_state(model, optimizer, batch_shape, seed):
              rng=jax.random.PRNGKey(seed))
   slots, _ = optimizer.tree_init(model.weights)
   return TrainState(model.weights, slots, model.state)
+
+
+# --- Data parallelism -------------------------------------------------------
+
+DATA_AXIS = 'data'
+
+
+class DataParallel:
+  """The layout of training over a 1-D mesh of devices (axis 'data').
+
+  Batches (batch, length) are split along the batch dimension, so the global
+  batch size must be a multiple of the device count.  Weights and model state
+  are replicated.  Optimizer slots are replicated too, or with
+  `shard_optimizer` split along their largest dimension that the device count
+  divides (arrays with no such dimension stay replicated).
+
+  Works across processes (after `jax.distributed.initialize`): `devices` are
+  then all processes' devices, and every process passes the same global host
+  arrays to `put_state` / `put_batch`, each placing only its own devices' part.
+  """
+
+  def __init__(self, devices=None, shard_optimizer=False):
+    devices = list(jax.devices() if devices is None else devices)
+    self.mesh = jax.sharding.Mesh(np.array(devices), (DATA_AXIS,))
+    self.n_devices = len(devices)
+    self.shard_optimizer = shard_optimizer
+    self.batch_sharding = jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+    self.replicated = jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec())
+
+  def check_batch_size(self, batch_size, name='batch_size'):
+    """Raises ValueError unless `batch_size` splits evenly over the devices."""
+    if batch_size % self.n_devices:
+      raise ValueError(
+          f'{name} {batch_size} is not divisible by the {self.n_devices} '
+          'devices it is split over; use a multiple of '
+          f'{self.n_devices} (the global batch size) or fewer devices.')
+
+  def replicated_sharding(self, x):  # pylint: disable=unused-argument
+    return self.replicated
+
+  def slot_sharding(self, x):
+    """Sharding of one optimizer slot (or weight, for the update) `x`."""
+    if not self.shard_optimizer:
+      return self.replicated
+    shape = np.shape(x)
+    dims = [i for i, d in enumerate(shape) if d >= self.n_devices
+            and d % self.n_devices == 0]
+    if not dims:
+      return self.replicated
+    spec = [None] * len(shape)
+    spec[max(dims, key=lambda i: shape[i])] = DATA_AXIS
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
+
+  def state_shardings(self, train_state):
+    """A TrainState of shardings, one per leaf of `train_state`."""
+    weights, slots, state = train_state
+    tree_map = jax.tree_util.tree_map
+    return TrainState(tree_map(self.replicated_sharding, weights),
+                      tree_map(self.slot_sharding, slots),
+                      tree_map(self.replicated_sharding, state))
+
+  @staticmethod
+  def constrain(tree, sharding_fn):
+    """Inside jit: lays every leaf x of `tree` out as `sharding_fn(x)`."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.with_sharding_constraint(x, sharding_fn(x)), tree)
+
+  def constrain_state(self, train_state):
+    return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, train_state,
+                                  self.state_shardings(train_state))
+
+  def put_state(self, train_state):
+    """Host (or single-device) arrays -> TrainState laid out for the step."""
+    return place(train_state, self.state_shardings(train_state))
+
+  def put_batch(self, batch):
+    """A global host batch (tuple of (batch, ...) arrays) -> sharded arrays."""
+    return place(batch, jax.tree_util.tree_map(lambda _: self.batch_sharding,
+                                               batch))
+
+
+def place(tree, shardings):
+  """Puts each leaf of `tree` (the global value) on devices with its sharding.
+
+  One process: `jax.device_put`.  Several processes: each builds its
+  addressable shards from its own copy of the global value.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(
+        x.shape, sharding, lambda index: np.asarray(x[index]))
+  return jax.tree_util.tree_map(put, tree, shardings)
 
 
 # --- FLOP counting and MFU --------------------------------------------------
