@@ -45,7 +45,7 @@ def build(kind, cfg, args):
                 n_heads=cfg['n_heads'], max_len=cfg['seq'], mode='train')
   if kind == 'feedback':
     return fm.FeedbackLM(cfg['vocab'], span=cfg['span'], block_len=cfg['block_len'],
-                         shared_kv=args.shared_kv, **common)
+                         shared_kv=args.shared_kv, unroll=args.unroll, **common)
   return tm.DecoderLM(cfg['vocab'], **common)
 
 
@@ -90,6 +90,7 @@ def main():
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   p.add_argument('--shared_kv', action='store_true')
+  p.add_argument('--unroll', type=int, default=1, help='FeedbackLM unroll')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--append_to', default=None, help='append the table to this file')
   args = p.parse_args()
@@ -97,7 +98,8 @@ def main():
   device = jax.devices()[0].device_kind
   lines = [
       f'Feedback vs DecoderLM training throughput, size {args.size} {cfg}, '
-      f'shared_kv={args.shared_kv}, {args.dtype}, device {device}, '
+      f'shared_kv={args.shared_kv}, unroll={args.unroll}, {args.dtype}, '
+      f'device {device}, '
       f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC',
       f'command: python {" ".join(sys.argv)}', '',
       '| batch | feedback params | decoder params | feedback tok/s | '

@@ -157,7 +157,7 @@ def step(weights, cfg, x0, k_buf, v_buf, rng=None, offsets=None):
 
 
 def feedback_forward(weights, cfg, emb, block_len=None, truncate_gradients=True,
-                     rng=None, remat=False, offsets=None):
+                     rng=None, remat=False, offsets=None, unroll=1):
   """Sequential forward over whole sequences, starting from an empty memory.
 
   Args:
@@ -169,6 +169,7 @@ def feedback_forward(weights, cfg, emb, block_len=None, truncate_gradients=True,
     rng: dropout key (None: no dropout).
     remat: recompute each block in the backward pass (saves memory).
     offsets: optional (batch, length, L+1, d) probe added to each x_t^l.
+    unroll: positions per iteration of the compiled loop (`lax.scan` unroll).
 
   Returns:
     top: (batch, length, d) the last layer's outputs x^L;
@@ -205,9 +206,11 @@ def feedback_forward(weights, cfg, emb, block_len=None, truncate_gradients=True,
     if truncate_gradients:
       m_buf = jax.lax.stop_gradient(carry)
       k_buf, v_buf = memory_kv(kv, m_buf, cfg)
-      (m_buf, _, _), out = jax.lax.scan(one_position, (m_buf, k_buf, v_buf), inputs)
+      (m_buf, _, _), out = jax.lax.scan(one_position, (m_buf, k_buf, v_buf), inputs,
+                                        unroll=unroll)
       return m_buf, out
-    (_, k_buf, v_buf), out = jax.lax.scan(one_position, (None,) + carry, inputs)
+    (_, k_buf, v_buf), out = jax.lax.scan(one_position, (None,) + carry, inputs,
+                                          unroll=unroll)
     return (k_buf, v_buf), out
 
   if remat:
@@ -255,7 +258,7 @@ class FeedbackTransformer(base.Layer):
   """
 
   def __init__(self, vocab_size, d_model, d_ff, cfg, block_len, truncate_gradients,
-               max_len, mode):
+               max_len, mode, unroll=1):
     super().__init__(name=f'FeedbackTransformer_L{cfg.n_layers}_S{cfg.span}')
     self._vocab_size, self._d_model, self._d_ff = vocab_size, d_model, d_ff
     self._cfg = cfg
@@ -263,6 +266,7 @@ class FeedbackTransformer(base.Layer):
     self._truncate = truncate_gradients
     self._max_train_len = max_len
     self._mode = mode
+    self._unroll = unroll
 
   @property
   def config(self):
@@ -303,7 +307,8 @@ class FeedbackTransformer(base.Layer):
       train = self._mode == 'train'
       rng = self.rng if train and self._cfg.dropout > 0 else None
       top, _ = feedback_forward(weights, self._cfg, emb, self._block_len,
-                                self._truncate, rng=rng, remat=train)
+                                self._truncate, rng=rng, remat=train,
+                                unroll=self._unroll)
     return output_logits(weights, top)
 
   def init_weights_and_state(self, input_signature):
@@ -342,7 +347,7 @@ def _positive_int(name, value):
 @gin.configurable(module='feedback')
 def FeedbackLM(vocab_size, d_model=256, d_ff=1024, n_layers=4, n_heads=4,
                head_dim=None, span=100, block_len=64, truncate_gradients=True,
-               shared_kv=False, dropout=0.0, max_len=2048, mode='train'):
+               shared_kv=False, dropout=0.0, max_len=2048, unroll=1, mode='train'):
   """The Feedback Transformer language model.
 
   Args:
@@ -365,6 +370,8 @@ def FeedbackLM(vocab_size, d_model=256, d_ff=1024, n_layers=4, n_heads=4,
       layer, in 'train' mode.
     max_len: longest training/eval sequence (predict mode decodes without
       limit at constant cost per token).
+    unroll: positions per iteration of the compiled training loop (a speed
+      knob for accelerators: fewer loop iterations, longer compile).
     mode: 'train', 'eval' or 'predict'.
 
   Returns:
@@ -373,7 +380,7 @@ def FeedbackLM(vocab_size, d_model=256, d_ff=1024, n_layers=4, n_heads=4,
   if mode not in MODES:
     raise ValueError(f'FeedbackLM mode must be one of {MODES}, not {mode!r}.')
   for name in ('vocab_size', 'd_model', 'd_ff', 'n_layers', 'n_heads', 'span',
-               'block_len', 'max_len'):
+               'block_len', 'max_len', 'unroll'):
     _positive_int(name, locals()[name])
   if head_dim is None:
     if d_model % n_heads:
@@ -390,4 +397,4 @@ def FeedbackLM(vocab_size, d_model=256, d_ff=1024, n_layers=4, n_heads=4,
   cfg = Config(n_layers, n_heads, head_dim, span, bool(shared_kv),
                float(dropout) if mode == 'train' else 0.0)
   return FeedbackTransformer(vocab_size, d_model, d_ff, cfg, block_len,
-                             bool(truncate_gradients), max_len, mode)
+                             bool(truncate_gradients), max_len, mode, unroll)

@@ -40,7 +40,7 @@ _CACHE = {}
 def _setup(shared):
   """(eval model, jitted eval fn, weights with every leaf perturbed, ids)."""
   if shared not in _CACHE:
-    model = _model(shared, 'eval')
+    model = _model(shared, 'eval', unroll=3)  # 3 does not divide the block of 4
     model.init(shapes.ShapeDtype((B, T), np.int32), rng=jax.random.PRNGKey(0))
     leaves, tree = jax.tree_util.tree_flatten(model.weights)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
@@ -207,6 +207,7 @@ def test_shared_kv_parameter_counts():
     (dict(block_len=T + 5), 'block_len (15) is longer than the sequence'),
     (dict(n_heads=3), 'd_model (16) must be a multiple of n_heads (3)'),
     (dict(mode='decode'), "mode must be one of ('train', 'eval', 'predict')"),
+    (dict(unroll=0), 'unroll must be a positive integer'),
 ])
 def test_bad_arguments_fail_at_build_time(kw, words):
   kw = dict(dict(KW, shared_kv=True, mode='train'), **kw)
