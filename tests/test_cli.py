@@ -119,6 +119,24 @@ def test_command_line_flags_and_help():
   assert missing.returncode != 0 and '--output_dir is required' in missing.stderr
 
 
+def test_device_flags_are_checked(tmp_path, capsys):
+  """--num_devices beyond the devices present, and incomplete jax.distributed
+  flags (a real process: jax.distributed must start before JAX computes)."""
+  line = _error(capsys, f'--gin_file={TINY}', f'--output_dir={tmp_path}',
+                '--num_devices=2')
+  assert 'num_devices must be between 1 and the 1 devices available, not 2' in line
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env.pop('JAX_COORDINATOR_ADDRESS', None)
+  bad = subprocess.run([sys.executable, 'train.py', f'--output_dir={tmp_path}',
+                        '--num_processes=2'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1
+  lines = [l for l in bad.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and 'cannot start jax.distributed' in lines[0]
+  assert '--coordinator_address=HOST:PORT, --num_processes and --process_id' in lines[0]
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
 @pytest.mark.parametrize('path', sorted(
     os.path.relpath(os.path.join(d, f), ROOT)
     for d, _, files in os.walk(os.path.join(ROOT, 'gin')) for f in files
