@@ -39,6 +39,8 @@ from trax import layers as tl
 from trax.layers import base
 from trax.layers import initializers as init
 
+from training import model as model_lib
+
 MODES = ('train', 'eval', 'predict')
 OUTPUT_LAYER_TYPES = ('none', 'mult', 'conv', 'multconv')
 V_CONCAT_TYPES = ('original', 'fixed', 'none')
@@ -92,8 +94,20 @@ class FactoredDense(base.Layer):
       gating, projection, bias = self.weights
     else:
       gating, projection = self.weights
-    y = jnp.einsum('...i,si,im->...sm', x, gating, projection)
-    y = jnp.reshape(y, y.shape[:-2] + (self._d_out,))
+    rows = 1
+    for n in x.shape[:-1]:
+      rows *= n
+    if rows * self._n_modules < self._d_out:
+      # Few rows (decoding): gate the input, then one small matmul per
+      # module; the (rows, S, d_in) intermediate is the smaller one.
+      gated = x[..., None, :] * gating  # (..., S, d_in)
+      y = jnp.einsum('...si,im->...sm', gated, projection)
+      y = jnp.reshape(y, y.shape[:-2] + (self._d_out,))
+    else:
+      # Many rows (training): build the equivalent Dense kernel
+      # W[i, s*M + m] = D[s, i] E[i, m] once and do one matmul.
+      kernel = jnp.einsum('si,im->ism', gating, projection)
+      y = x @ jnp.reshape(kernel, (kernel.shape[0], -1))
     if self._use_bias:
       y = y + bias
     return y
@@ -308,12 +322,34 @@ def MultiplicativeConvCausalAttention(
   return tl.Serial(
       tl.Branch(FactoredDense(sparsity, d_feature, d_feature), None),  # m, x
       qkv,                                                             # q, k, v
-      tl.DotProductCausalAttention(
+      DotProductCausalAttention(
           dropout=dropout, max_inference_length=max_inference_length,
           mode=mode),
       tl.MergeHeads(n_heads),
       output_layers,
   )
+
+
+class DotProductCausalAttention(tl.DotProductCausalAttention):
+  """trax's `DotProductCausalAttention`, with a faster 'predict' mode.
+
+  Same inputs (q, k, v: (batch * heads, length, d_head)), state (key and
+  value caches of max_inference_length positions and the next index) and
+  outputs as trax's layer, which it runs unchanged in the other modes.  In
+  'predict' mode it updates the caches the same way and attends with
+  `training.model.cached_attention`, whose one-token path reads each cache
+  in a single fused pass.
+  """
+
+  def forward(self, inputs):
+    if self._mode != 'predict' or self._portal_mask is not None:
+      return super().forward(inputs)
+    q, k, v = inputs
+    ks, vs, idx = self.state
+    ks = jax.lax.dynamic_update_slice_in_dim(ks, k.astype(ks.dtype), idx, axis=1)
+    vs = jax.lax.dynamic_update_slice_in_dim(vs, v.astype(vs.dtype), idx, axis=1)
+    self.state = (ks, vs, idx + q.shape[1])
+    return model_lib.cached_attention(q, ks, vs, idx)
 
 
 class EinsumDense(base.Layer):

@@ -73,12 +73,45 @@ def _attention_implementation(dtype):
   return 'xla'
 
 
+def cached_attention(q, k_cache, v_cache, pos):
+  """Causal attention of new queries over a key/value cache (decoding).
+
+  Args:
+    q: (..., t, dh) queries of positions pos .. pos + t - 1.
+    k_cache, v_cache: (..., max_len, dh), filled up to pos + t - 1.
+    pos: int32 scalar, the position of the first query.
+
+  Returns:
+    (..., t, dh) in the dtype of q.  Scores and softmax are float32.  For one
+    query (t == 1, the decoding step) the two products are written as
+    multiply-and-sum, which XLA fuses into single passes over the cache
+    (a CPU runs a batched matrix product as one small call per head).
+  """
+  t, max_len = q.shape[-2], k_cache.shape[-2]
+  mask = jnp.arange(max_len)[None, :] <= pos + jnp.arange(t)[:, None]
+  k_cache, v_cache = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+  if t == 1:
+    scores = jnp.sum(q.astype(jnp.float32) * k_cache.astype(jnp.float32),
+                     axis=-1)[..., None, :]
+  else:
+    scores = jnp.einsum('...td,...kd->...tk', q, k_cache,
+                        preferred_element_type=jnp.float32)
+  scores = jnp.where(mask, scores * q.shape[-1] ** -0.5, -1e30)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if t == 1:
+    out = jnp.sum(jnp.swapaxes(probs, -1, -2) * v_cache.astype(jnp.float32),
+                  axis=-2, keepdims=True)
+    return out.astype(q.dtype)
+  return jnp.einsum('...tk,...kd->...td', probs.astype(q.dtype), v_cache)
+
+
 class CausalDotProductAttention(base.Layer):
   """Multi-head causal attention over packed q, k, v; no weights.
 
   (batch, length, 3 * d) -> (batch, length, d), heads of d // n_heads.
-  In 'predict' mode the state is a key/value cache of `max_len` positions and
-  the index of the next position; each call appends its `length` positions.
+  In 'predict' mode the state is a key/value cache of `max_len` positions,
+  (batch, heads, max_len, head width) each, and the index of the next
+  position; each call appends its `length` positions.
   """
 
   def __init__(self, n_heads, max_len=2048, mode='train'):
@@ -107,16 +140,15 @@ class CausalDotProductAttention(base.Layer):
           q, k, v, is_causal=True,
           implementation=_attention_implementation(q.dtype))
     else:
+      # Caches are (b, h, max_len, dh) so that both products below contract
+      # them in place: no per-token transpose of the whole cache.
       k_cache, v_cache, pos = self.state
       k_cache = jax.lax.dynamic_update_slice_in_dim(
-          k_cache, k.astype(k_cache.dtype), pos, axis=1)
+          k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), pos, axis=2)
       v_cache = jax.lax.dynamic_update_slice_in_dim(
-          v_cache, v.astype(v_cache.dtype), pos, axis=1)
-      query_pos = pos + jnp.arange(t)[:, None]
-      mask = jnp.arange(self._max_len)[None, :] <= query_pos  # (t, max_len)
-      out = jax.nn.dot_product_attention(
-          q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-          mask=mask[None, None], implementation='xla')
+          v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), pos, axis=2)
+      out = jnp.swapaxes(
+          cached_attention(jnp.swapaxes(q, 1, 2), k_cache, v_cache, pos), 1, 2)
       self.state = (k_cache, v_cache, pos + t)
     return out.reshape(b, t, -1)
 
@@ -125,7 +157,7 @@ class CausalDotProductAttention(base.Layer):
     if self._mode == 'predict':
       b, _, d3 = input_signature.shape
       h = self._n_heads
-      shape = (b, self._max_len, h, d3 // (3 * h))
+      shape = (b, h, self._max_len, d3 // (3 * h))
       self.state = (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32),
                     jnp.zeros((), jnp.int32))
 

@@ -71,7 +71,9 @@ class Sampler:
     weights = cast_floats(weights, self._dtype)
     model = self._model
     rngs = jax.random.split(rng, n_new)
-    logits, state = model.pure_fn(prompt, weights, self._initial_state, rngs[0])
+    # Caches and other float state compute in the weights' dtype too.
+    state = cast_floats(self._initial_state, self._dtype)
+    logits, state = model.pure_fn(prompt, weights, state, rngs[0])
     first = choose_next(logits[:, -1], rngs[0], temperature, top_k)
 
     def one_token(carry, rng_t):

@@ -1,0 +1,98 @@
+r"""Per-layer cost of decoding one token (batch 1, predict mode).
+
+Times each building block of the models in bench/decode_speed.py on its own:
+a `lax.scan` of `--steps` one-token calls with the layer state (caches)
+carried, as the Sampler runs it, so caches update in place.  Shows where a
+token's time goes, e.g. why a sparse layer is not yet at its bandwidth floor.
+
+    python bench/decode_layers.py                   # the 800M shape
+    JAX_PLATFORMS=cpu python bench/decode_layers.py
+"""
+
+import os
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+from jax import numpy as jnp
+import numpy as np
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('d_model', 1024, 'width.')
+flags.DEFINE_integer('n_heads', 16, 'heads.')
+flags.DEFINE_integer('max_len', 256, 'cache length.')
+flags.DEFINE_integer('vocab_size', 32000, 'vocabulary.')
+flags.DEFINE_integer('steps', 64, 'one-token calls per timing.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'weights and activations.')
+
+
+def layers(d, h, max_len, vocab):
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from terraformer import sparse_ff  # pylint: disable=g-import-not-at-top
+  from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
+  from training import model as model_lib  # pylint: disable=g-import-not-at-top
+  p = 'predict'
+  return {
+      'dense attention': model_lib.CausalSelfAttention(d, h, max_len, mode=p),
+      'sparse QKV attention (S=16, k=3)': sparse_qkv.MultiplicativeConvCausalAttention(
+          d, n_heads=h, sparsity=16, length_kernel_size=3,
+          max_inference_length=max_len, mode=p),
+      '  FactoredDense (S=16)': sparse_qkv.FactoredDense(16, d, d),
+      '  LocallyConvDense (k=3)': sparse_qkv.LocallyConvDense(
+          16, d // 16, p, kernel_size=3, length_kernel_size=3),
+      'dense FF 4096': model_lib.FeedForward(d, 4096, tl.Relu, mode=p),
+      'SparseFF 4096/64': sparse_ff.SparseFF(4096, 64, 64, mode=p),
+      'SparseFF 6144/64': sparse_ff.SparseFF(6144, 64, 96, mode=p),
+      'LayerNorm': model_lib.LayerNorm(),
+      f'Dense {vocab} (output)': tl.Dense(vocab),
+      f'FactoredDense {vocab} S=4 (sparse loss)': sparse_qkv.FactoredDense(4, d, vocab),
+  }
+
+
+def time_layer(layer, d, dtype):
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  from training.trainer import cast_floats  # pylint: disable=g-import-not-at-top
+  layer.init(shapes.ShapeDtype((1, 1, d), np.float32))
+  weights = cast_floats(layer.weights, dtype)
+  state = cast_floats(layer.state, dtype)
+  x0 = jnp.ones((1, 1, d), dtype or jnp.float32)
+  rng = jax.random.PRNGKey(0)
+
+  @jax.jit
+  def run(weights, state, x):
+    def one(carry, _):
+      x, state = carry
+      y, state = layer.pure_fn(x, weights, state, rng)
+      return (x + 1e-6 * y[..., :1].astype(x.dtype), state), None
+    (x, state), _ = jax.lax.scan(one, (x, state), None, length=FLAGS.steps)
+    return x
+  jax.block_until_ready(run(weights, state, x0))
+  best = float('inf')
+  for _ in range(5):
+    t = time.perf_counter()
+    jax.block_until_ready(run(weights, state, x0))
+    best = min(best, time.perf_counter() - t)
+  n_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(weights))
+  return best / FLAGS.steps, n_bytes
+
+
+def main(argv):
+  del argv
+  dtype = None if FLAGS.dtype == 'float32' else jnp.bfloat16
+  dev = jax.devices()[0]
+  print(f'{dev.platform} {dev.device_kind}, {os.cpu_count()} CPUs, {FLAGS.dtype}')
+  print('| layer | us/token | weight MB |')
+  print('|---|---|---|')
+  for name, layer in layers(FLAGS.d_model, FLAGS.n_heads, FLAGS.max_len,
+                            FLAGS.vocab_size).items():
+    seconds, n_bytes = time_layer(layer, FLAGS.d_model, dtype)
+    print(f'| {name} | {seconds * 1e6:.1f} | {n_bytes / 1e6:.1f} |', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

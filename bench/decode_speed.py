@@ -1,0 +1,267 @@
+r"""Per-token decoding time, unbatched: the paper's Table 1 protocol.
+
+"Sparse is Enough in Scaling Transformers" (Table 1) times one decoded token,
+batch 1, after warm-up, for a dense model, +sparse FF, +sparse QKV and
++both.  This script builds those four decoder-only models at the paper's
+800M-class shape (24 layers, d_model 1024, 16 heads, vocabulary 32000;
+FF sparsity 64, QKV sparsity 16, kernel 3; d_ff 4096, raised to 6144 when
+the QKV is sparse to give back the parameters that Q, K, V lose, as the
+paper and trax's timing test do) and times
+
+  ours: `terraformer.TerraformerLM` in predict mode through
+        `training.sampling.Sampler` (the whole loop on the device); the
+        per-token time is (T(warmup + tokens) - T(warmup)) / tokens, so the
+        prompt and the call overhead cancel;
+  trax: trax 1.4.1's own `ConfigurableTransformerLM` with the same settings,
+        decoded by `trax.supervised.decoding.autoregressive_sample_stream`
+        (the time between consecutive tokens after `warmup` tokens).
+
+It also measures the machine's memory bandwidth (the better of an XLA copy
+of a large array, bytes read + written over time, and a matrix-vector
+product over a large matrix, bytes read over time) and reports each model's floor: the bytes of
+weights one token must read (every weight, except that the embedding and
+position tables give one row, and `SparseFF` reads only its chosen rows of W1
+and W2) divided by that bandwidth.  Key/value-cache reads are reported apart.
+
+    python bench/decode_speed.py                        # 800M, CPU or GPU
+    python bench/decode_speed.py --shape=tiny --impls=ours,trax   # seconds
+    python bench/decode_speed.py --dtype=bfloat16 --out_json=/tmp/d.json
+
+Weights are random: decoding speed does not depend on their values, except
+through which units the sparse FF picks (any choice reads the same bytes).
+"""
+
+import functools
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+from jax import numpy as jnp
+import numpy as np
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('shape', '800m', ['800m', 'small', 'tiny'], 'model size.')
+flags.DEFINE_list('variants', ['dense', 'sparse_ff', 'sparse_qkv', 'sparse_ff_qkv'],
+                  'which models.')
+flags.DEFINE_list('impls', ['ours', 'trax'], 'ours and/or trax.')
+flags.DEFINE_integer('warmup', 4, 'tokens decoded before timing.')
+flags.DEFINE_integer('tokens', 12, 'tokens timed.')
+flags.DEFINE_integer('repeats', 3, 'timing repeats (ours; the median is kept).')
+flags.DEFINE_integer('max_len', 256, 'predict-mode cache length (both impls).')
+flags.DEFINE_integer('batch', 1, 'sequences decoded together.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'weight dtype (ours).')
+flags.DEFINE_integer('bandwidth_mib', 1024, 'array size for the bandwidth test.')
+flags.DEFINE_string('out_json', None, 'also write the results here.')
+
+SHAPES = {
+    '800m': dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16,
+                 d_ff_dense=4096, d_ff_sparse=6144, ff_sparsity=64,
+                 attention_sparsity=16),
+    'small': dict(vocab_size=8000, d_model=512, n_layers=8, n_heads=8,
+                  d_ff_dense=2048, d_ff_sparse=3072, ff_sparsity=32,
+                  attention_sparsity=8),
+    'tiny': dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4,
+                 d_ff_dense=256, d_ff_sparse=384, ff_sparsity=8,
+                 attention_sparsity=4),
+}
+VARIANTS = {  # (sparse FF, sparse QKV)
+    'dense': (False, False),
+    'sparse_ff': (True, False),
+    'sparse_qkv': (False, True),
+    'sparse_ff_qkv': (True, True),
+}
+
+
+def model_kwargs(shape, variant):
+  s = SHAPES[shape]
+  ff, qkv = VARIANTS[variant]
+  return dict(vocab_size=s['vocab_size'], d_model=s['d_model'],
+              n_layers=s['n_layers'], n_heads=s['n_heads'],
+              d_ff=s['d_ff_sparse'] if qkv else s['d_ff_dense'],
+              ff_sparsity=s['ff_sparsity'] if ff else 0,
+              attention_sparsity=s['attention_sparsity'] if qkv else 0,
+              attention_kernel_size=3)
+
+
+def _best_time(f, *args):
+  jax.block_until_ready(f(*args))
+  best = float('inf')
+  for _ in range(5):
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def memory_bandwidth(mib):
+  """Bytes per second, the better of two XLA measurements on `mib` MiB:
+  a copy (bytes read + written) and a matrix-vector product (bytes read;
+  on a CPU XLA spreads a dot over all cores but a copy may use one)."""
+  n = mib * 2**20 // 4
+  x = jnp.ones((n,), jnp.float32)
+  copy = 2 * n * 4 / _best_time(jax.jit(lambda a: a * 1.0001), x)
+  m = jnp.ones((n // 4096, 4096), jnp.float32)
+  v = jnp.ones((4096,), jnp.float32)
+  matvec = n * 4 / _best_time(jax.jit(lambda a, b: a @ b), m, v)
+  del x, m
+  return max(copy, matvec), copy, matvec
+
+
+def bytes_per_token(model):
+  """(weight bytes one decoded token reads, key/value-cache bytes it reads)."""
+  from trax.layers import attention as tl_attention  # pylint: disable=g-import-not-at-top
+  from trax.layers import core as tl_core  # pylint: disable=g-import-not-at-top
+  from terraformer import sparse_ff  # pylint: disable=g-import-not-at-top
+
+  def weights_bytes(layer):
+    if isinstance(layer, (tl_core.Embedding, tl_attention.PositionalEncoding)):
+      w = jax.tree_util.tree_leaves(layer.weights)
+      return sum(a.shape[-1] * a.dtype.itemsize for a in w)  # one row
+    if isinstance(layer, sparse_ff.SparseFF):
+      m1, m2, mb, w1, w2, b2 = layer.weights
+      d1, _, d_model = w1.shape
+      dense = sum(a.size * a.dtype.itemsize for a in (m1, m2, mb, b2))
+      return dense + d1 * d_model * (w1.dtype.itemsize + w2.dtype.itemsize)
+    if layer.sublayers:
+      return sum(weights_bytes(s) for s in layer.sublayers)
+    return sum(a.size * a.dtype.itemsize
+               for a in jax.tree_util.tree_leaves(layer.weights))
+
+  def cache_bytes(layer):
+    own = 0
+    state = layer.state
+    if (not layer.sublayers and isinstance(state, tuple) and len(state) == 3
+        and getattr(state[0], 'ndim', 0) >= 3):  # (keys, values, index)
+      own = state[0].size * state[0].dtype.itemsize * 2
+    return own + sum(cache_bytes(s) for s in layer.sublayers)
+
+  return weights_bytes(model), cache_bytes(model)
+
+
+def time_ours(kwargs, dtype):
+  from terraformer import models  # pylint: disable=g-import-not-at-top
+  from training import sampling  # pylint: disable=g-import-not-at-top
+  from training import trainer  # pylint: disable=g-import-not-at-top
+  model = models.TerraformerLM(mode='predict', max_len=FLAGS.max_len, **kwargs)
+  sampler = sampling.Sampler(model, batch_size=FLAGS.batch, compute_dtype=dtype)
+  weights = trainer.cast_floats(model.weights, dtype)
+  weights = jax.device_put(weights)
+  params = trainer.count_params(model.weights)
+  w_bytes, c_bytes = bytes_per_token(model)
+  prompt = np.zeros((FLAGS.batch, 1), np.int32)
+  n0, n1 = FLAGS.warmup, FLAGS.warmup + FLAGS.tokens
+
+  def run(n):
+    t = time.perf_counter()
+    sampler.generate(weights, prompt, n, temperature=0.0)  # returns numpy
+    return time.perf_counter() - t
+
+  run(n0), run(n1)  # compile both lengths
+  t0 = np.median([run(n0) for _ in range(FLAGS.repeats)])
+  t1 = np.median([run(n1) for _ in range(FLAGS.repeats)])
+  return dict(params=params, weight_bytes=w_bytes, cache_bytes=c_bytes,
+              s_per_token=(t1 - t0) / FLAGS.tokens, s_per_call=t1 / n1)
+
+
+def time_trax(kwargs):
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  from trax.models.research import configurable_transformer as ct  # pylint: disable=g-import-not-at-top
+  from trax.supervised import decoding  # pylint: disable=g-import-not-at-top
+  if kwargs['attention_sparsity']:
+    attention = functools.partial(
+        tl.MultiplicativeConvCausalAttention,
+        sparsity=kwargs['attention_sparsity'],
+        length_kernel_size=kwargs['attention_kernel_size'],
+        max_inference_length=FLAGS.max_len)
+  else:
+    attention = functools.partial(tl.CausalAttention,
+                                  max_inference_length=FLAGS.max_len)
+  model = ct.ConfigurableTransformerLM(
+      kwargs['vocab_size'], d_model=kwargs['d_model'], d_ff=kwargs['d_ff'],
+      n_layers=kwargs['n_layers'], n_heads=kwargs['n_heads'],
+      max_len=FLAGS.max_len, dropout=0.0, ff_dropout=0.0, mode='predict',
+      ff_sparsity=kwargs['ff_sparsity'], attention_type=attention)
+  model.init(shapes.ShapeDtype((FLAGS.batch, 1), np.int32))
+  stream = decoding.autoregressive_sample_stream(
+      model, batch_size=FLAGS.batch, temperature=0.0)
+  stamps = []
+  for i, _ in enumerate(stream):
+    jax.block_until_ready(_)
+    stamps.append(time.perf_counter())
+    if i + 1 == FLAGS.warmup + FLAGS.tokens:
+      break
+  gaps = np.diff(stamps[FLAGS.warmup - 1:])
+  return dict(s_per_token=float(np.median(gaps)), s_per_token_mean=float(np.mean(gaps)))
+
+
+def main(argv):
+  del argv
+  for v in FLAGS.variants:
+    if v not in VARIANTS:
+      raise app.UsageError(f'unknown variant {v!r}; known: {sorted(VARIANTS)}')
+  dtype = None if FLAGS.dtype == 'float32' else jnp.bfloat16
+  device = jax.devices()[0]
+  bw, copy_bw, matvec_bw = memory_bandwidth(FLAGS.bandwidth_mib)
+  print(f'device: {device.platform} {device.device_kind}, {os.cpu_count()} CPUs; '
+        f'memory bandwidth {copy_bw / 1e9:.1f} GB/s (copy), {matvec_bw / 1e9:.1f} '
+        f'GB/s (matvec); shape {FLAGS.shape}, batch '
+        f'{FLAGS.batch}, cache {FLAGS.max_len}, ours in {FLAGS.dtype}', flush=True)
+  rows = []
+  for variant in FLAGS.variants:
+    kwargs = model_kwargs(FLAGS.shape, variant)
+    row = dict(variant=variant, **kwargs)
+    if 'ours' in FLAGS.impls:
+      ours = time_ours(kwargs, dtype)
+      ours['floor_s'] = ours['weight_bytes'] / bw
+      row['ours'] = ours
+      print(f"{variant:14s} ours {ours['s_per_token'] * 1e3:8.3f} ms/token, "
+            f"{ours['params'] / 1e6:6.1f}M params, reads "
+            f"{ours['weight_bytes'] / 1e6:7.1f} MB weights + "
+            f"{ours['cache_bytes'] / 1e6:5.1f} MB cache, floor "
+            f"{ours['floor_s'] * 1e3:7.3f} ms ({ours['s_per_token'] / ours['floor_s']:.2f}x)",
+            flush=True)
+    if 'trax' in FLAGS.impls:
+      tr = time_trax(kwargs)
+      row['trax'] = tr
+      print(f"{variant:14s} trax {tr['s_per_token'] * 1e3:8.3f} ms/token", flush=True)
+    rows.append(row)
+
+  print('\n| model | params | ours ms/token | vs dense | floor ms | ours/floor '
+        '| trax ms/token | vs dense | trax/ours |')
+  print('|---|---|---|---|---|---|---|---|---|')
+  base = rows[0]
+  for row in rows:
+    cells = [row['variant']]
+    o, t = row.get('ours'), row.get('trax')
+    if o:
+      bo = base['ours']['s_per_token']
+      cells += [f"{o['params'] / 1e6:.0f}M", f"{o['s_per_token'] * 1e3:.3f}",
+                f"{bo / o['s_per_token']:.2f}x", f"{o['floor_s'] * 1e3:.3f}",
+                f"{o['s_per_token'] / o['floor_s']:.2f}"]
+    else:
+      cells += ['', '', '', '', '']
+    if t:
+      bt = base['trax']['s_per_token']
+      cells += [f"{t['s_per_token'] * 1e3:.3f}", f"{bt / t['s_per_token']:.2f}x",
+                f"{t['s_per_token'] / o['s_per_token']:.1f}x" if o else '']
+    else:
+      cells += ['', '', '']
+    print('| ' + ' | '.join(cells) + ' |')
+  if FLAGS.out_json:
+    with open(FLAGS.out_json, 'w') as f:
+      json.dump(dict(device=f'{device.platform} {device.device_kind}',
+                     cpus=os.cpu_count(), bandwidth=bw, copy_bandwidth=copy_bw,
+                     matvec_bandwidth=matvec_bw, dtype=FLAGS.dtype,
+                     max_len=FLAGS.max_len, batch=FLAGS.batch, rows=rows), f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
