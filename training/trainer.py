@@ -153,16 +153,16 @@ def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
     weights, slots, state = train_state
     rng = jax.random.fold_in(key, step)
     (mean, (new_state, weight_sum)), grads = grad_fn(weights, state, batch, rng)
+    if parallel is not None and parallel.shard_optimizer:
+      # Reduce-scatter the gradients to the slots' layout: each device clips
+      # and updates its part of every array; the weights are gathered after.
+      grads = parallel.constrain(grads, parallel.slot_sharding)
+      weights = parallel.constrain(weights, parallel.slot_sharding)
     grad_norm = global_norm(grads)
     if clip_grad_norm is not None:
       grads = clip_by_global_norm(grads, clip_grad_norm, grad_norm)
     lr = lr_schedule(step) if traced_lr else lr
     opt_params = dict(base_opt_params, learning_rate=jnp.asarray(lr, jnp.float32))
-    if parallel is not None and parallel.shard_optimizer:
-      # Reduce-scatter the gradients to the slots' layout: each device updates
-      # its part of every array; the replicated weights are gathered after.
-      grads = parallel.constrain(grads, parallel.slot_sharding)
-      weights = parallel.constrain(weights, parallel.slot_sharding)
     new_weights, new_slots = apply_optimizer(
         optimizer, step, grads, weights, slots, opt_params)
     metrics = {'loss': mean, 'weight_sum': weight_sum,
