@@ -112,6 +112,10 @@ class FactoredDense(base.Layer):
       y = y + bias
     return y
 
+  def matmul_params(self):
+    """Weights of the equivalent Dense kernel, for FLOP counting."""
+    return int(self.weights[1].shape[0]) * self._d_out
+
   def init_weights_and_state(self, input_signature):
     d_in = input_signature.shape[-1]
     if self._d_in is not None and d_in != self._d_in:
@@ -176,6 +180,10 @@ class LocallyConvDense(base.Layer):
   @property
   def n_modules(self):
     return self._n_modules
+
+  def matmul_params(self):
+    """The kernel's weights times the modules it is applied at (FLOP counting)."""
+    return int(self.weights[0].size) * self._n_modules
 
   @property
   def n_remembered(self):

@@ -131,3 +131,15 @@ def test_all_sparse_layers_train_on_the_copy_task_and_controller_learns():
     state, metrics = step(state, i, batch(), key, np.float32(0))
     losses.append(float(metrics['loss']))
   assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), losses[::15]
+
+
+def test_flop_count_sees_the_sparse_layers_as_their_dense_equivalents():
+  from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
+  fd = sparse_qkv.FactoredDense(4, 32, 24)
+  fd.init(shapes.ShapeDtype((1, 3, 32), np.float32))
+  conv = sparse_qkv.LocallyConvDense(4, 8, 'eval', kernel_size=3, length_kernel_size=3)
+  conv.init(shapes.ShapeDtype((1, 3, 32), np.float32))
+  # FactoredDense computes like a (32, 24) Dense; the (3, 3, 8, 8) conv kernel
+  # is applied at each of the 4 modules.
+  assert trainer_lib.train_flops_per_token(fd, 3) == 6 * 32 * 24
+  assert trainer_lib.train_flops_per_token(conv, 3) == 6 * 3 * 3 * 8 * 8 * 4

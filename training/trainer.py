@@ -328,12 +328,18 @@ def device_peak_flops(device=None):
 
 
 def _matmul_params(model):
-  """Parameters that take part in matmuls: all but embedding lookups and 1-D."""
+  """Parameters that take part in matmuls: all but embedding lookups and 1-D.
+
+  A layer that reuses its weights (e.g. a convolution applied at several
+  modules) says how many weights its matmuls amount to with `matmul_params()`.
+  """
   # The raw classes: tl.* names are gin-wrapped subclasses of these.
   from trax.layers import attention, core  # pylint: disable=g-import-not-at-top
   def walk(layer):
     if isinstance(layer, (core.Embedding, attention.PositionalEncoding)):
       return 0
+    if hasattr(layer, 'matmul_params'):  # layers whose weights are reused
+      return layer.matmul_params()
     if layer.sublayers:
       return sum(walk(s) for s in layer.sublayers)
     leaves = jax.tree_util.tree_leaves(layer.weights)
