@@ -43,3 +43,22 @@ def test_too_long_generation_is_refused_with_the_cache_size():
   else:
     raise AssertionError('no error for 4 + 29 > 32 tokens')
   assert sampler.generate(eval_model.weights, np.zeros((1, 4), np.int32), 28).shape == (1, 28)
+
+
+def test_one_token_steps_across_cache_length_buckets_equal_eval():
+  """On a CPU a decoding step reads the cache up to a bucket length (128,
+  256, ...); steps on both sides of a boundary give eval mode's logits."""
+  cfg = dict(vocab_size=40, d_model=16, d_ff=32, n_layers=1, n_heads=2, max_len=300)
+  eval_model = model_lib.DecoderLM(mode='eval', **cfg)
+  eval_model.init(shapes.ShapeDtype((1, 140), np.int32))
+  ids = np.random.RandomState(0).randint(0, 40, (1, 140)).astype(np.int32)
+  want = np.asarray(eval_model(ids))
+  predict = model_lib.DecoderLM(mode='predict', **cfg)
+  predict.init(shapes.ShapeDtype((1, 1), np.int32))
+  step = jax.jit(lambda x, s: predict.pure_fn(x, eval_model.weights, s, jax.random.PRNGKey(0)))
+  _, state = step(ids[:, :120], predict.state)
+  got = []
+  for t in range(120, 140):  # positions 120..139 cross the 128 boundary
+    logits, state = step(ids[:, t:t + 1], state)
+    got.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(got, 1), want[:, 120:], atol=1e-5, rtol=1e-5)

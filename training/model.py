@@ -73,20 +73,13 @@ def _attention_implementation(dtype):
   return 'xla'
 
 
-def cached_attention(q, k_cache, v_cache, pos):
-  """Causal attention of new queries over a key/value cache (decoding).
+# On a CPU, one decoding step reads only the filled part of the cache, rounded
+# up to one of these lengths (a branch per length; see `cached_attention`).
+CPU_CACHE_BUCKET = 128
 
-  Args:
-    q: (..., t, dh) queries of positions pos .. pos + t - 1.
-    k_cache, v_cache: (..., max_len, dh), filled up to pos + t - 1.
-    pos: int32 scalar, the position of the first query.
 
-  Returns:
-    (..., t, dh) in the dtype of q.  Scores and softmax are float32.  For one
-    query (t == 1, the decoding step) the two products are written as
-    multiply-and-sum, which XLA fuses into single passes over the cache
-    (a CPU runs a batched matrix product as one small call per head).
-  """
+def _attend(q, k_cache, v_cache, pos):
+  """`cached_attention` over the whole of the given caches."""
   t, max_len = q.shape[-2], k_cache.shape[-2]
   mask = jnp.arange(max_len)[None, :] <= pos + jnp.arange(t)[:, None]
   k_cache, v_cache = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
@@ -103,6 +96,41 @@ def cached_attention(q, k_cache, v_cache, pos):
                   axis=-2, keepdims=True)
     return out.astype(q.dtype)
   return jnp.einsum('...tk,...kd->...td', probs.astype(q.dtype), v_cache)
+
+
+def cached_attention(q, k_cache, v_cache, pos):
+  """Causal attention of new queries over a key/value cache (decoding).
+
+  Args:
+    q: (..., t, dh) queries of positions pos .. pos + t - 1.
+    k_cache, v_cache: (..., max_len, dh), filled up to pos + t - 1.
+    pos: int32 scalar, the position of the first query.
+
+  Returns:
+    (..., t, dh) in the dtype of q.  Scores and softmax are float32.  For one
+    query (t == 1, the decoding step) the two products are written as
+    multiply-and-sum, which XLA fuses into single passes over the cache
+    (a CPU runs a batched matrix product as one small call per head).  On a
+    CPU, where such a pass runs on one core, a one-query step reads only the
+    first 128, 256, 512, ... positions of the cache that hold keys (a
+    `lax.switch` over those lengths); the positions it skips are masked out
+    anyway, so the result is the same.  (A GPU reads the cache in parallel,
+    and a branch there would cost a host round trip per layer.)
+  """
+  t, max_len = q.shape[-2], k_cache.shape[-2]
+  if t != 1 or jax.default_backend() != 'cpu' or max_len <= CPU_CACHE_BUCKET:
+    return _attend(q, k_cache, v_cache, pos)
+  lengths = []
+  length = CPU_CACHE_BUCKET
+  while length < max_len:
+    lengths.append(length)
+    length *= 2
+  lengths.append(max_len)
+  def branch(n):
+    return lambda q, k, v, p: _attend(q, k[..., :n, :], v[..., :n, :], p)
+  which = jnp.searchsorted(jnp.array(lengths), pos + 1)  # first length > pos
+  return jax.lax.switch(which, [branch(n) for n in lengths],
+                        q, k_cache, v_cache, pos)
 
 
 class CausalDotProductAttention(base.Layer):
