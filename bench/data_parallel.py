@@ -25,10 +25,7 @@ On a CPU with forced host devices (a smoke test):
 """
 
 import argparse
-import datetime
 import gc
-import json
-import shlex
 import statistics
 import sys
 import time
@@ -224,10 +221,7 @@ def main(argv=None):
   for name in args.shapes:
     rows.extend(run_shape(name, args, dtype, peak))
 
-  command = 'PYTHONPATH=. python ' + ' '.join(
-      shlex.quote(a) for a in [sys.argv[0]] + (sys.argv[1:] if argv is None
-                                               else list(argv)))
-  when = datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
+  command, when = TT.invocation(argv)
   header = (f'### Data-parallel throughput: {device.device_kind} '
             f'({device.platform}, {available} device(s)), jax {jax.__version__}, '
             f'{when}\n\n`{command}`\n\n'
@@ -241,14 +235,7 @@ def main(argv=None):
             'Scaling efficiency = tokens/s / (devices x 1-device tokens/s); '
             'MFU per device against the bf16 peak.')
   table = markdown(rows, header)
-  if args.out_json:
-    with open(args.out_json, 'w') as f:
-      json.dump(dict(device=device.device_kind, jax=jax.__version__, date=when,
-                     command=command, rows=rows), f, indent=1)
-  if args.append_to:
-    with open(args.append_to, 'a') as f:
-      f.write('\n' + table)
-  print(table, flush=True)
+  TT.emit(table, rows, args, device, command, when)
 
 
 if __name__ == '__main__':

@@ -332,6 +332,26 @@ def parse_args(argv):
   return args
 
 
+def invocation(argv):
+  """(the command line that reproduces this run, the local time now)."""
+  command = 'PYTHONPATH=. python ' + ' '.join(
+      shlex.quote(a) for a in [sys.argv[0]] + (sys.argv[1:] if argv is None
+                                               else list(argv)))
+  return command, datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
+
+
+def emit(table, rows, args, device, command, when):
+  """Prints the table; writes --out_json and appends to --append_to if set."""
+  if args.out_json:
+    with open(args.out_json, 'w') as f:
+      json.dump(dict(device=device.device_kind, jax=jax.__version__,
+                     date=when, command=command, rows=rows), f, indent=1)
+  if args.append_to:
+    with open(args.append_to, 'a') as f:
+      f.write('\n' + table)
+  print(table, flush=True)
+
+
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from training import trainer as T  # pylint: disable=g-import-not-at-top
@@ -342,10 +362,7 @@ def main(argv=None):
   for name in args.shapes:
     rows.extend(run_shape(name, args, dtype, peak))
 
-  command = 'PYTHONPATH=. python ' + ' '.join(
-      shlex.quote(a) for a in [sys.argv[0]] + (sys.argv[1:] if argv is None
-                                               else list(argv)))
-  when = datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
+  command, when = invocation(argv)
   peak_s = f'{peak / 1e12:.1f} TFLOP/s bf16 peak' if peak else 'peak unknown'
   header = (f'### Training throughput: {device.device_kind} '
             f'({device.platform}, {jax.device_count()} device(s), {peak_s}), '
@@ -365,14 +382,7 @@ def main(argv=None):
   if lines:
     table += '\n' + '\n'.join(lines) + '\n'
 
-  if args.out_json:
-    with open(args.out_json, 'w') as f:
-      json.dump(dict(device=device.device_kind, jax=jax.__version__,
-                     date=when, command=command, rows=rows), f, indent=1)
-  if args.append_to:
-    with open(args.append_to, 'a') as f:
-      f.write('\n' + table)
-  print(table, flush=True)
+  emit(table, rows, args, device, command, when)
 
 
 if __name__ == '__main__':

@@ -32,11 +32,6 @@ from terraformer import sparse_qkv
 from training import model as model_lib
 
 
-def _check_positive(name, value):
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f'{name} must be a positive integer, not {value!r}.')
-
-
 def _check_sparsity(name, value, divides, divides_name):
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:
     raise ValueError(f'{name} must be 0 (dense) or a positive integer, not '
@@ -124,7 +119,7 @@ def TerraformerLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
   for name, value in (('vocab_size', vocab_size), ('d_model', d_model),
                       ('d_ff', d_ff), ('n_layers', n_layers),
                       ('n_heads', n_heads), ('max_len', max_len)):
-    _check_positive(name, value)
+    sparse_qkv._check_positive_int(name, value)  # pylint: disable=protected-access
   if d_model % n_heads:
     raise ValueError(f'n_heads={n_heads} must divide d_model={d_model}.')
   _check_sparsity('loss_sparsity', loss_sparsity, vocab_size, 'vocab_size')
