@@ -10,9 +10,11 @@ import trax.layers
 import trax.optimizers
 import trax.supervised.lr_schedules
 
+import blocks.mixing
 import feedback.model
 import primer_trax.layers
 import primer_trax.models
 import terraformer.models
 import training.model
 import training.run
+import training.seq2seq
