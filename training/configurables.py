@@ -17,4 +17,3 @@ import primer_trax.models
 import terraformer.models
 import training.model
 import training.run
-import training.seq2seq
