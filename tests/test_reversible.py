@@ -81,17 +81,14 @@ def _assert_trees_close(a, b, atol=ATOL):
 
 @pytest.fixture(scope='module')
 def setup():
-  layers = _blocks(3, temperature=2.0)  # strong Gumbel noise: rng matters
+  """Two blocks with strong Gumbel noise (so the rng matters), initialised,
+  and value_and_grad of one loss through ours, trax's and the plain stack."""
+  layers = _blocks(2, temperature=2.0)
   ours = reversible.ReversibleSerial(*layers)
+  trax_stack = tl.ReversibleSerial(*layers)
   x1 = np.random.RandomState(0).normal(size=(2, 6, D)).astype(np.float32)
   x2 = np.random.RandomState(1).normal(size=(2, 6, D)).astype(np.float32)
   ours.init(shapes.signature((x1, x2)), rng=jax.random.PRNGKey(0))
-  return layers, ours, x1, x2
-
-
-def test_same_tree_and_outputs_and_gradients_as_trax_and_plain(setup):
-  layers, ours, x1, x2 = setup
-  trax_stack = tl.ReversibleSerial(*layers)
   w, s = ours.weights, ours.state
   rng = jax.random.PRNGKey(7)
   results = {
@@ -99,6 +96,11 @@ def test_same_tree_and_outputs_and_gradients_as_trax_and_plain(setup):
       'trax': _loss(trax_stack.pure_fn)(w, x1, x2, s, rng),
       'plain': _loss(lambda *a: _plain_forward(layers, *a))(w, x1, x2, s, rng),
   }
+  return layers, trax_stack, w, s, x1, x2, rng, results
+
+
+def test_same_tree_and_outputs_and_gradients_as_trax_and_plain(setup):
+  _, trax_stack, w, _, _, _, _, results = setup
   (loss, (y1, y2, new_state)), grads = results['ours']
   # The gradients are not trivially small (a bug returning zeros would fail).
   assert float(jnp.max(jnp.abs(grads[1]))) > 0.1
@@ -119,37 +121,29 @@ def test_same_tree_and_outputs_and_gradients_as_trax_and_plain(setup):
 def test_backward_replays_saved_sparse_ff_choices(setup):
   """The recomputation uses the choices saved by the forward pass.
 
-  Feeding the backward pass different saved choices must change the weight
-  gradient of the SparseFF (it would not if the recomputation re-drew them),
-  and feeding it the forward's own choices reproduces the plain gradient.
+  With the forward's own saved choices the backward pass reconstructs the
+  inputs and gives the plain gradient; fed other saved choices, the SparseFF's
+  weight gradient changes (it would not if the recomputation re-drew them).
   """
-  layers, ours, x1, x2 = setup
-  w, s = ours.weights, ours.state
-  rng = jax.random.PRNGKey(11)
-  (ys, new_state) = jax.jit(
-      lambda w, s, r: reversible._serial_apply(layers, (x1, x2), w, s, r)  # pylint: disable=protected-access
-  )(w, s, rng)
-  ct = tuple(jnp.ones_like(y) for y in ys)
+  layers, _, w, s, x1, x2, rng, results = setup
+  (_, (y1, y2, new_state)), _ = results['ours']
+  _, plain_grads = results['plain']
+  # Cotangent of the loss sum(y1 sin y2) + sum(y2^2) with respect to y1, y2.
+  ct = (jnp.sin(y2), y1 * jnp.cos(y2) + 2 * y2)
+  backward = jax.jit(reversible._serial_backward, static_argnums=0)  # pylint: disable=protected-access
 
-  def backward(saved_state):
-    return jax.jit(reversible._serial_backward, static_argnums=0)(  # pylint: disable=protected-access
-        tuple(layers), ys, ct, w, s, saved_state, rng)
-
-  xs, _, w_ct = backward(new_state)
+  xs, xs_ct, w_ct = backward(tuple(layers), (y1, y2), ct, w, s, new_state, rng)
   _assert_trees_close(xs, (x1, x2))  # inputs reconstructed from outputs
-  plain_w_ct = jax.grad(
-      lambda w: sum(jnp.sum(y) for y in _plain_forward(layers, (x1, x2), w, s,
-                                                       rng)[0]))(w)
-  _assert_trees_close(w_ct, plain_w_ct)
+  _assert_trees_close((w_ct,) + tuple(xs_ct), plain_grads)
 
   # Last SparseFF (layer 2 of the last block): shift its saved choices.
   last = len(layers) - 2
   choice, marker = new_state[last][0][1]
   assert set(marker) == {'running_second_time'}
-  shifted = (choice + 1) % 4
   other = list(new_state)
-  other[last] = (((), (shifted, marker)),)
-  _, _, w_ct_other = backward(tuple(other))
+  other[last] = (((), ((choice + 1) % 4, marker)),)
+  _, _, w_ct_other = backward(tuple(layers), (y1, y2), ct, w, s, tuple(other),
+                              rng)
   ff_grad = jax.tree_util.tree_leaves(w_ct[last])
   ff_grad_other = jax.tree_util.tree_leaves(w_ct_other[last])
   assert max(float(jnp.max(jnp.abs(a - b)))
