@@ -1,0 +1,76 @@
+"""The notebooks in notebooks/ run top to bottom and are stored without outputs.
+
+Each notebook is executed with nbclient in a kernel named 'python3' that runs
+this interpreter (a kernel spec written to a temporary JUPYTER_PATH, which
+Jupyter searches first), with the repository on PYTHONPATH.  A cell that
+raises fails the test with that cell's traceback; the notebooks check their
+own results with `assert`s.  Running them takes a few minutes in all on a
+2-core CPU: this is the slow file of the suite.
+"""
+
+import glob
+import json
+import os
+import sys
+
+import nbformat
+from nbclient import NotebookClient
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK_DIR = os.path.join(ROOT, 'notebooks')
+NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, '*.ipynb')))
+EXPECTED = ('terraformer_from_scratch.ipynb', 'primer.ipynb',
+            'feedback_transformer.ipynb')
+CELL_TIMEOUT_S = 600
+
+
+def _name(path):
+  return os.path.basename(path)
+
+
+def test_the_three_notebooks_are_there():
+  assert set(EXPECTED) <= {_name(p) for p in NOTEBOOKS}
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=_name)
+def test_stored_without_outputs(path):
+  nb = nbformat.read(path, as_version=4)
+  nbformat.validate(nb)
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  assert code, f'{_name(path)} has no code cells'
+  for i, cell in enumerate(code):
+    assert not cell.outputs and cell.execution_count is None, (
+        f'{_name(path)}: code cell {i} is stored with outputs; clear them '
+        '(e.g. jupyter nbconvert --clear-output --inplace).')
+
+
+@pytest.fixture(scope='module')
+def python3_kernel(tmp_path_factory):
+  """A 'python3' kernel spec for this interpreter, found before any other."""
+  jupyter_path = tmp_path_factory.mktemp('jupyter')
+  spec_dir = jupyter_path / 'kernels' / 'python3'
+  spec_dir.mkdir(parents=True)
+  spec = {'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f',
+                   '{connection_file}'],
+          'display_name': 'Python 3 (tests)', 'language': 'python'}
+  (spec_dir / 'kernel.json').write_text(json.dumps(spec))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('JUPYTER_PATH', str(jupyter_path))
+    mp.setenv('PYTHONPATH', os.pathsep.join(
+        [ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    yield
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=_name)
+def test_runs_top_to_bottom(path, python3_kernel):  # pylint: disable=unused-argument
+  nb = nbformat.read(path, as_version=4)
+  client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name='python3',
+                          resources={'metadata': {'path': NOTEBOOK_DIR}})
+  client.execute()  # raises CellExecutionError naming the failing cell
+  errors = [o for c in nb.cells if c.cell_type == 'code'
+            for o in c.outputs if o.output_type == 'error']
+  assert not errors
+  images = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs
+            if 'image/png' in o.get('data', {})]
+  assert images, f'{_name(path)} drew no figure'
