@@ -11,6 +11,8 @@ import trax.optimizers
 import trax.supervised.lr_schedules
 
 import blocks.mixing
+import blocks.sharing
+import blocks.switch
 import feedback.model
 import primer_trax.layers
 import primer_trax.models

@@ -307,6 +307,8 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
       values = {'loss': loss, 'bits_per_byte': trainer_lib.bits(loss) / bytes_per_token,
                 'learning_rate': float(fetched[-1]['learning_rate']),
                 'gradients_l2': float(fetched[-1]['gradients_l2'])}
+      if 'aux_loss' in fetched[-1]:  # layers' auxiliary losses (trainer.aux_losses)
+        values['aux_loss'] = float(np.mean([float(m['aux_loss']) for m in fetched]))
       if timed_tokens:  # none when only the compiling step ran since the last log
         values['tokens_per_s'] = timed_tokens / elapsed
         if peak:

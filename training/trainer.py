@@ -83,6 +83,24 @@ def host_learning_rate(lr_schedule, step):
     return np.float32(lr_schedule(step))
 
 
+AUX_LOSS = 'aux_loss'
+
+
+def aux_losses(state):
+  """Auxiliary losses that layers left in a model state tree.
+
+  A layer with a loss of its own besides the LM loss (e.g. the Switch
+  load-balancing loss, blocks.switch) keeps it as a dict entry named
+  'aux_loss' in its state; this returns every such entry (a list of scalars,
+  empty for models with none).
+  """
+  found = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if path and getattr(path[-1], 'key', None) == AUX_LOSS:
+      found.append(jnp.asarray(leaf, jnp.float32))
+  return found
+
+
 def _logits_fn(model, compute_dtype):
   def logits_fn(weights, state, inputs, rng):
     return model.pure_fn(inputs, cast_floats(weights, compute_dtype), state, rng)
@@ -130,7 +148,9 @@ def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
   When the schedule cannot be traced, pass its value
   as `lr` (see `host_learning_rate`); otherwise `lr` is ignored.
   Metrics are float32 device scalars: loss (mean nats per token), weight_sum,
-  learning_rate, gradients_l2 (before clipping).
+  learning_rate, gradients_l2 (before clipping).  Models whose layers leave
+  auxiliary losses in their state (see `aux_losses`) train on loss + their
+  sum, reported as aux_loss ('loss' stays the LM loss).
 
   With `parallel` (a `DataParallel`), `train_state` and `batch` must be laid
   out by `parallel.put_state` and `parallel.put_batch`; the step keeps that
@@ -145,14 +165,18 @@ def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
     inputs, targets, token_weights = batch
     logits, new_state = logits_fn(weights, state, inputs, rng)
     loss_sum, weight_sum = cross_entropy(logits, targets, token_weights)
-    return loss_sum / jnp.maximum(weight_sum, 1.0), (new_state, weight_sum)
+    mean = loss_sum / jnp.maximum(weight_sum, 1.0)
+    aux = aux_losses(new_state)  # none: the objective is the LM loss alone
+    objective = mean + sum(aux) if aux else mean
+    return objective, (new_state, weight_sum, mean, sum(aux) if aux else None)
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
 
   def step_fn(train_state, step, batch, key, lr):
     weights, slots, state = train_state
     rng = jax.random.fold_in(key, step)
-    (mean, (new_state, weight_sum)), grads = grad_fn(weights, state, batch, rng)
+    (_, (new_state, weight_sum, mean, aux)), grads = grad_fn(
+        weights, state, batch, rng)
     if parallel is not None and parallel.shard_optimizer:
       # Reduce-scatter the gradients to the slots' layout: each device clips
       # and updates its part of every array; the weights are gathered after.
@@ -168,6 +192,8 @@ def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
     metrics = {'loss': mean, 'weight_sum': weight_sum,
                'learning_rate': opt_params['learning_rate'],
                'gradients_l2': grad_norm}
+    if aux is not None:
+      metrics['aux_loss'] = aux
     new_train_state = TrainState(new_weights, new_slots, new_state)
     if parallel is not None:
       new_train_state = parallel.constrain_state(new_train_state)
