@@ -295,6 +295,12 @@ def _mean_std(values):
   return mean, math.sqrt(var)
 
 
+def _matched(name):
+  """What a variant is meant to share with the reference (models.MATCHES)."""
+  from primer_trax import models  # pylint: disable=g-import-not-at-top
+  return models.VARIANTS[name].matched if name in models.VARIANTS else 'params'
+
+
 def summarize(output_dir, names, seeds, batch_size, seq_len, tolerance):
   """Per-variant numbers from the finished runs (see report.md's notes)."""
   runs = {}
@@ -340,7 +346,7 @@ def summarize(output_dir, names, seeds, batch_size, seq_len, tolerance):
     if not v['runs'] or not base.get('runs'):
       continue
     v['param_ratio'] = v['n_params'] / base['n_params']
-    if abs(v['param_ratio'] - 1) > tolerance:
+    if abs(v['param_ratio'] - 1) > tolerance and _matched(name) == 'params':
       v['flags'].append(f'parameters differ from {ref} by '
                         f'{100 * (v["param_ratio"] - 1):+.1f}% (> {100 * tolerance:g}%)')
     if base['tokens_per_s'][0] and v['tokens_per_s'][0]:
@@ -471,14 +477,16 @@ def write_report(output_dir, names, seeds, plan, tolerance, command=''):
       '- *params*: all weights; *vs ref*: ratio.  FLOPs per token count '
       '6 x matmul weights + 6 x layers x d_attn x seq (training.trainer).',
       f'- A variant whose parameters differ from {ref}\'s by more than '
-      f'{100 * tolerance:g}% is flagged (all variants here are meant to be '
-      'parameter-matched).',
+      f'{100 * tolerance:g}% is flagged if it is meant to be parameter-matched '
+      "(matched: params); 'flops' variants share the FLOPs per token, 'size' "
+      'ones the widths and depth (primer_trax/models.py).',
   ]
   if missing:
     text += ['', f'Not finished (rerun the command to train them): {", ".join(missing)}.']
   for name in names:
     from primer_trax import models  # pylint: disable=g-import-not-at-top
-    text.append(f'- `{name}`: {models.VARIANTS[name].description}'
+    text.append(f'- `{name}` (matched: {_matched(name)}): '
+                f'{models.VARIANTS[name].description}'
                 if name in models.VARIANTS else f'- `{name}`')
   path = os.path.join(output_dir, 'report.md')
   with open(path, 'w') as f:

@@ -170,7 +170,7 @@ def test_parameter_counts_match_the_baseline():
   size = dict(d_model=128, d_ff=512, n_layers=1, n_heads=4, max_len=16)
   ids = jnp.zeros((1, 4), jnp.int32)
   counts = {}
-  for name in M.VARIANTS:
+  for name in [n for n, v in M.VARIANTS.items() if v.matched == 'params']:
     model = M.VariantLM(256, name, mode='eval', **size)
     model.init(shapes.signature(ids), rng=RNG)
     counts[name] = trainer_lib.count_params(model.weights)
