@@ -18,4 +18,6 @@ import primer_trax.layers
 import primer_trax.models
 import terraformer.models
 import training.model
+import training.optimizers
 import training.run
+import training.seq2seq
