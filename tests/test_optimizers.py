@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 import trax
+from trax import layers as tl
 
+from primer_trax import variants
 from training import model as model_lib
 from training import optimizers
 from training import trainer as trainer_lib
@@ -177,8 +179,10 @@ def test_agc_wraps_any_optimizer_and_selects_by_gin():
 
 
 def test_agc_around_sm3_trains_a_tiny_lm_through_the_trainer():
-  model = model_lib.DecoderLM(16, d_model=16, d_ff=32, n_layers=1, n_heads=2,
-                              max_len=8, residual='rezero')  # has a scalar weight
+  # Matrices, vectors and a scalar (ReZero's) weight.
+  model = tl.Serial(model_lib.Embedding(16, 16),
+                    variants.ReZero(tl.Serial(tl.Dense(32), tl.Relu(), tl.Dense(16))),
+                    model_lib.LayerNorm(), tl.Dense(16))
   opt = optimizers.AGC(optimizers.SM3(), clipping=0.05)
   state = trainer_lib.init_train_state(model, opt, (4, 8), seed=0)
   step = trainer_lib.make_train_step(model, opt, lambda s: 0.05)
