@@ -47,7 +47,10 @@ flags.DEFINE_enum('tokenizer', None, ['byte', 'spm'],
 flags.DEFINE_string('vocab_file', None, 'SentencePiece .model file.')
 flags.DEFINE_string('data_dir', None, 'TFDS data directory.')
 flags.DEFINE_integer('batch_size', None, 'sequences per batch.')
-flags.DEFINE_integer('seq_len', None, 'tokens per sequence.')
+flags.DEFINE_integer('seq_len', None, 'tokens per sequence (encoder inputs of a '
+                     'sequence-to-sequence dataset).')
+flags.DEFINE_integer('target_len', None, 'target tokens per example of a '
+                     'sequence-to-sequence dataset (copy, spans:..., summarize:...).')
 flags.DEFINE_enum('compute_dtype', None, ['float32', 'bfloat16', 'float16'],
                   'dtype of the matmuls; weights stay float32.')
 flags.DEFINE_integer('sample_length', None, 'tokens of text generated at the end.')
@@ -71,7 +74,7 @@ flags.DEFINE_bool('distributed', False,
 # Flags that map one to one onto arguments of training.run.train.
 _TRAIN_ARGS = ('steps', 'eval_every', 'log_every', 'checkpoint_every',
                'keep_checkpoints', 'seed', 'dataset', 'tokenizer', 'vocab_file',
-               'data_dir', 'batch_size', 'seq_len', 'compute_dtype',
+               'data_dir', 'batch_size', 'seq_len', 'target_len', 'compute_dtype',
                'sample_length', 'sample_prompt', 'tensorboard', 'num_devices',
                'shard_optimizer')
 

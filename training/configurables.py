@@ -17,6 +17,7 @@ import feedback.model
 import primer_trax.layers
 import primer_trax.models
 import terraformer.models
+import terraformer.terraformer
 import training.model
 import training.optimizers
 import training.run

@@ -16,6 +16,10 @@ enwik8: TensorFlow Datasets 4.9.10 has no enwik8 builder (``tfds.list_builders()
 lists none), so ``enwik8`` / ``tfds:enwik8`` raise a ValueError; download the
 file yourself and pass its path instead.
 
+Sequence-to-sequence datasets (``copy``, ``spans:SOURCE``, ``summarize:tfds:NAME``;
+batches of (inputs, targets) pairs for encoder-decoders) live in :mod:`training.seq2seq`;
+:func:`make_dataset` builds them too.
+
 TensorFlow, tensorflow_text and tensorflow_datasets are imported lazily.
 """
 import hashlib
@@ -31,7 +35,8 @@ TFDS_TEXT_FIELDS = {'lm1b': 'text', 'c4': 'text', 'scientific_papers': 'article'
                     'wikipedia': 'text', 'wiki40b': 'text'}
 TFDS_EVAL_SPLITS = {'lm1b': 'test', 'c4': 'validation', 'scientific_papers': 'validation'}
 TOKENIZERS = ('byte', 'spm')
-DATASET_CHOICES = "'python_docs', a text file path (or 'text:PATH'), or 'tfds:NAME[/CONFIG]'"
+DATASET_CHOICES = ("'python_docs', a text file path (or 'text:PATH'), or 'tfds:NAME[/CONFIG]'; "
+                   "sequence-to-sequence: 'copy', 'spans:SOURCE' or 'summarize:tfds:NAME'")
 ALTERNATIVES = ("python_docs, tfds:lm1b, tfds:c4/en, tfds:scientific_papers/arxiv "
                 "or a local file path")
 
@@ -378,8 +383,23 @@ def _chunks(text, size=1 << 16):
 
 
 def make_dataset(name='python_docs', *, seq_len, batch_size, seed=0, tokenizer='byte',
-                 vocab_file=None, spm_vocab_size=8000, cache_dir=None, data_dir=None):
-    """Builds an LMDataset; see the module docstring for the accepted names."""
+                 vocab_file=None, spm_vocab_size=8000, cache_dir=None, data_dir=None,
+                 target_len=None):
+    """Builds an LMDataset; see the module docstring for the accepted names.
+
+    Sequence-to-sequence names (``copy``, ``spans:SOURCE``, ``summarize:tfds:NAME``)
+    build a :class:`training.seq2seq.Seq2SeqDataset` with inputs of seq_len and
+    targets of target_len tokens (None: its default); target_len only applies there.
+    """
+    from training import seq2seq  # pylint: disable=g-import-not-at-top
+    if seq2seq.is_seq2seq_name(name):
+        return seq2seq.make_dataset(
+            name, input_len=seq_len, target_len=target_len, batch_size=batch_size, seed=seed,
+            tokenizer=tokenizer, vocab_file=vocab_file, spm_vocab_size=spm_vocab_size,
+            cache_dir=cache_dir, data_dir=data_dir)
+    if target_len is not None:
+        raise ValueError(f"target_len only applies to sequence-to-sequence datasets "
+                         f"({seq2seq.NAME_CHOICES}), not to {name!r}; leave it unset.")
     sizes = {'seq_len': seq_len, 'batch_size': batch_size, 'spm_vocab_size': spm_vocab_size}
     for arg, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:

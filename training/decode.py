@@ -5,6 +5,13 @@ r"""Generates text from a trained run's newest checkpoint.
 The run's folder holds what decoding needs: `config.gin` (the model) and the
 checkpoints, whose metadata names the tokenizer.  Decoding runs in 'predict'
 mode with the whole loop on the device (`training.sampling`).
+
+A sequence-to-sequence run (an encoder-decoder trained on copy, spans:... or
+summarize:...) decodes targets for the encoder inputs given as --prompt (text,
+or space-separated ids for the copy task), truncated to the run's input
+length; greedy with --temperature=0:
+
+    python -m training.decode --output_dir=runs/copy --prompt='3 5 7 2' --temperature=0
 """
 
 import os
@@ -22,7 +29,8 @@ def define_flags():
   """Defined only when run as a program, so train.py's flags don't clash."""
   flags.DEFINE_string('output_dir', None, 'a run folder written by train.py.')
   flags.DEFINE_string('checkpoint', None, 'a checkpoint folder (default: the newest).')
-  flags.DEFINE_string('prompt', 'The ', 'text to continue.')
+  flags.DEFINE_string('prompt', 'The ', 'text to continue (a seq2seq run: the '
+                      'encoder input).')
   flags.DEFINE_integer('length', 100, 'tokens to generate.')
   flags.DEFINE_integer('num_samples', 1, 'continuations decoded together (batched).')
   flags.DEFINE_float('temperature', 0.8, 'sampling temperature; 0 is greedy.')
@@ -50,10 +58,16 @@ def load_run(run_dir, checkpoint=None):
   bindings = gin.get_bindings('training.train')
   model_fn = bindings.get('model', model_lib.DecoderLM)
   meta = ckpt_lib.read_metadata(path)['metadata']
-  tokenizer = (data_lib.SentencePieceTokenizer(meta['vocab_file'])
-               if meta.get('vocab_file') else data_lib.ByteTokenizer())
+  if 'input_len' in meta:  # sequence-to-sequence run
+    from training import seq2seq  # pylint: disable=g-import-not-at-top
+    tokenizer = seq2seq.tokenizer_for_run(meta['dataset'], meta['vocab_size'],
+                                          meta.get('vocab_file'))
+  else:
+    tokenizer = (data_lib.SentencePieceTokenizer(meta['vocab_file'])
+                 if meta.get('vocab_file') else data_lib.ByteTokenizer())
   template = model_fn(vocab_size=meta['vocab_size'], mode='eval')
-  template.init(shapes.ShapeDtype((1, 1), np.int32))
+  ids = shapes.ShapeDtype((1, 1), np.int32)
+  template.init((ids, ids) if template.n_in == 2 else ids)
   try:
     trees, _ = ckpt_lib.restore(path, {'weights': template.weights})
   except ckpt_lib.CheckpointError as e:
@@ -76,6 +90,9 @@ def main(argv):
   except run.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  if 'input_len' in meta:
+    _decode_seq2seq(model_fn, tokenizer, weights, dtype, meta)
+    return
   sampler = sampling.Sampler(model_fn(vocab_size=meta['vocab_size'], mode='predict'),
                              batch_size=FLAGS.num_samples, compute_dtype=dtype)
   prompt = np.tile(tokenizer.encode(FLAGS.prompt)[None], (FLAGS.num_samples, 1))
@@ -87,6 +104,45 @@ def main(argv):
     sys.exit(1)
   for row in out:
     print(FLAGS.prompt + tokenizer.decode(row))
+
+
+def decode_seq2seq(model_fn, tokenizer, weights, compute_dtype, meta, text,
+                   length, num_samples=1, temperature=0.0, top_k=None, seed=0):
+  """Target texts an encoder-decoder run decodes for the encoder input `text`.
+
+  The input is tokenized, cut to the run's input length and 0-padded; each
+  output stops after the first EOS.
+  """
+  from training import sampling  # pylint: disable=g-import-not-at-top
+  from training import seq2seq  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  input_len = meta['input_len']
+  ids = tokenizer.encode(text)[:input_len]
+  inputs = np.zeros((num_samples, input_len), np.int32)
+  inputs[:, :len(ids)] = ids
+  sampler = sampling.Sampler(model_fn(vocab_size=meta['vocab_size'], mode='predict'),
+                             batch_size=num_samples, compute_dtype=compute_dtype,
+                             input_len=input_len)
+  out = sampler.decode(weights, inputs, length, temperature, top_k, seed)
+  texts = []
+  for row in out:
+    if not isinstance(tokenizer, seq2seq.IdTokenizer):
+      ends = np.flatnonzero(row == tokenizer.eos_id)
+      row = row[:ends[0]] if len(ends) else row
+    texts.append(seq2seq.decode_ids(tokenizer, meta['vocab_size'], row))
+  return texts
+
+
+def _decode_seq2seq(model_fn, tokenizer, weights, dtype, meta):
+  try:
+    texts = decode_seq2seq(model_fn, tokenizer, weights, dtype, meta, FLAGS.prompt,
+                           FLAGS.length, FLAGS.num_samples, FLAGS.temperature,
+                           FLAGS.top_k, FLAGS.seed)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  for text in texts:
+    print(text)
 
 
 if __name__ == '__main__':

@@ -35,13 +35,13 @@ import jax
 from jax import numpy as jnp
 import numpy as np
 
-from trax import shapes
 
 from training import checkpoint as ckpt_lib
 from training import data as data_lib
 from training import metrics as metrics_lib
 from training import model as model_lib
 from training import sampling
+from training import seq2seq as seq2seq_lib
 from training import trainer as trainer_lib
 
 DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -130,12 +130,12 @@ def _check_finite(value, step, run_dir):
 
 
 def _make_dataset(dataset, tokenizer, vocab_file, data_dir, seq_len, batch_size,
-                  seed, run_dir):
+                  seed, run_dir, target_len=None):
   try:
     return data_lib.make_dataset(
         dataset, seq_len=seq_len, batch_size=batch_size, seed=seed,
         tokenizer=tokenizer, vocab_file=vocab_file, data_dir=data_dir,
-        cache_dir=os.path.join(run_dir, 'vocab'))
+        cache_dir=os.path.join(run_dir, 'vocab'), target_len=target_len)
   except (ValueError, FileNotFoundError, OSError) as e:
     raise UserError(str(e)) from None
 
@@ -156,7 +156,7 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
           eval_every=500, eval_batches=8, checkpoint_every=500,
           keep_checkpoints=3, tensorboard=True, sample_prompt='The ',
           sample_length=200, sample_temperature=0.8, num_devices=None,
-          shard_optimizer=False):
+          shard_optimizer=False, target_len=None):
   """Trains `model` on `dataset` in `run_dir`, resuming if it holds checkpoints.
 
   Args:
@@ -184,6 +184,12 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
       processes; one device runs the single-device step unchanged).
     shard_optimizer: split the optimizer slots across the devices (ZeRO-1);
       no effect on one device.
+    target_len: target length of a sequence-to-sequence dataset (None: the
+      dataset's default, seq_len); with such a dataset (`training.seq2seq`)
+      the model takes (inputs (batch, seq_len), targets (batch, target_len))
+      and its first output is the logits (batch, target_len, vocab); eval adds
+      sequence_accuracy and the dataset's further held-out sets (e.g. the copy
+      task's longer sequences, logged as split 'eval_long').
 
   Returns:
     dict with the final 'step', last train 'loss', last 'eval_loss' (or None),
@@ -203,18 +209,26 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
   say = print if chief else lambda *a, **k: None
   os.makedirs(run_dir, exist_ok=True)
   ds = _make_dataset(dataset, tokenizer, vocab_file, data_dir, seq_len,
-                     batch_size, seed, run_dir)
+                     batch_size, seed, run_dir, target_len)
   say(f'data: {ds.description}', flush=True)
+  seq2seq = getattr(ds, 'seq2seq', False)
 
   optimizer = optimizer or _default_optimizer()
   lr_schedule = lr_schedule or _default_schedule()
   train_model = model(vocab_size=ds.vocab_size, mode='train')
   eval_model = model(vocab_size=ds.vocab_size, mode='eval')
-  state = trainer_lib.init_train_state(train_model, optimizer,
-                                       (batch_size, seq_len), seed)
-  eval_model.init(shapes.ShapeDtype((batch_size, seq_len), np.int32))
+  _check_model_inputs(train_model, seq2seq, dataset)
+  if seq2seq:  # encoder-decoder: (inputs, targets) in, target tokens scored
+    batch_shape = ((batch_size, ds.input_len), (batch_size, ds.target_len))
+    tokens_per_row = ds.input_len + ds.target_len
+  else:
+    batch_shape, tokens_per_row = (batch_size, seq_len), seq_len
+  state = trainer_lib.init_train_state(train_model, optimizer, batch_shape, seed)
+  eval_model.init(trainer_lib.input_signature(batch_shape))
   n_params = trainer_lib.count_params(state.weights)
-  flops_per_token = trainer_lib.train_flops_per_token(train_model, seq_len)
+  # FLOPs are counted for decoder-only LMs; an encoder-decoder logs no MFU.
+  flops_per_token = (None if seq2seq else
+                     trainer_lib.train_flops_per_token(train_model, seq_len))
   peak = trainer_lib.device_peak_flops()
   peak = peak and peak * n_devices
 
@@ -239,16 +253,24 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
     state = jax.device_put(state)
     put_batch = jax.device_put
     devices = f'device {jax.devices()[0].device_kind}'
-  say(f'model: {n_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs '
-      f'per token (train), {devices}, compute {compute_dtype}', flush=True)
+  flops_text = (f', {flops_per_token / 1e6:.1f} MFLOPs per token (train)'
+                if flops_per_token else '')
+  say(f'model: {n_params:,} parameters{flops_text}, {devices}, '
+      f'compute {compute_dtype}', flush=True)
 
   train_step = trainer_lib.make_train_step(
       train_model, optimizer, lr_schedule, dtype, clip_grad_norm, parallel)
   eval_step = trainer_lib.make_eval_step(eval_model, dtype, parallel)
   host_lr = not trainer_lib.schedule_is_traceable(lr_schedule)
   held_out = ds.eval_batches(eval_batches)  # also gives bytes per token
-  bytes_per_token = _bytes_per_token(ds, held_out) if held_out else 1.0
+  sample_source = held_out[0] if held_out else None
+  # bits per byte: LM text only (seq2seq targets hold sentinels / symbols)
+  bytes_per_token = (None if seq2seq else
+                     _bytes_per_token(ds, held_out) if held_out else 1.0)
   held_out = [put_batch(b) for b in held_out]
+  more_held_out = ({name: [put_batch(b) for b in batches] for name, batches in
+                    ds.extra_eval_batches(eval_batches).items()}
+                   if seq2seq and eval_every else {})
   writer = (metrics_lib.MetricsWriter(run_dir, tensorboard=tensorboard)
             if chief else _NoMetrics())
   vocab_path = getattr(ds.tokenizer, 'model_path', None)
@@ -259,13 +281,19 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
       f.write(config_text)
 
   def evaluate(step):
-    sums = np.zeros(3)
-    for batch in held_out:
-      sums += np.array(jax.device_get(eval_step(state.weights, state.state, batch)))
-    loss = sums[0] / max(sums[1], 1.0)
-    writer.write('eval', step, {
-        'loss': loss, 'accuracy': sums[2] / max(sums[1], 1.0),
-        'bits_per_byte': trainer_lib.bits(loss) / bytes_per_token})
+    loss = None
+    for name, batches in [('', held_out)] + sorted(more_held_out.items()):
+      sums = np.zeros(5 if seq2seq else 3)
+      for batch in batches:
+        sums += np.array(jax.device_get(eval_step(state.weights, state.state, batch)))
+      values = {'loss': sums[0] / max(sums[1], 1.0),
+                'accuracy': sums[2] / max(sums[1], 1.0)}
+      if bytes_per_token:
+        values['bits_per_byte'] = trainer_lib.bits(values['loss']) / bytes_per_token
+      if len(sums) > 3:  # two-input model: whole target sequences right
+        values['sequence_accuracy'] = sums[3] / max(sums[4], 1.0)
+      writer.write('eval_' + name if name else 'eval', step, values)
+      loss = values['loss'] if loss is None else loss
     return loss
 
   def save(step, last_loss):
@@ -275,7 +303,9 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
         metadata={'n_params': n_params, 'dataset': dataset,
                   'vocab_size': ds.vocab_size, 'vocab_file': vocab_path,
                   'compute_dtype': compute_dtype, 'n_devices': n_devices,
-                  'gin_config': config_text},
+                  'gin_config': config_text,
+                  **({'input_len': ds.input_len, 'target_len': ds.target_len}
+                     if seq2seq else {})},
         keep=keep_checkpoints)
 
   key = jax.random.PRNGKey(seed)
@@ -297,21 +327,22 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
     if done % log_every == 0 or done == steps:
       fetched = jax.device_get(pending)
       pending = []
-      timed_tokens = (done - tick_step) * batch_size * seq_len
+      timed_tokens = (done - tick_step) * batch_size * tokens_per_row
       elapsed = time.time() - tick
       tick, tick_step = time.time(), done
       losses = [float(m['loss']) for m in fetched]
       loss = float(np.mean(losses))
       for value in losses:
         _check_finite(value, done, run_dir)
-      values = {'loss': loss, 'bits_per_byte': trainer_lib.bits(loss) / bytes_per_token,
-                'learning_rate': float(fetched[-1]['learning_rate']),
+      values = {'loss': loss, 'learning_rate': float(fetched[-1]['learning_rate']),
                 'gradients_l2': float(fetched[-1]['gradients_l2'])}
+      if bytes_per_token:
+        values['bits_per_byte'] = trainer_lib.bits(loss) / bytes_per_token
       if 'aux_loss' in fetched[-1]:  # layers' auxiliary losses (trainer.aux_losses)
         values['aux_loss'] = float(np.mean([float(m['aux_loss']) for m in fetched]))
       if timed_tokens:  # none when only the compiling step ran since the last log
         values['tokens_per_s'] = timed_tokens / elapsed
-        if peak:
+        if peak and flops_per_token:
           values['mfu'] = flops_per_token * values['tokens_per_s'] / peak
       writer.write('train', done, values)
     if eval_every and done % eval_every == 0:
@@ -328,6 +359,14 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
   writer.close()
 
   sample = ''
+  if seq2seq:  # decode the first held-out example's targets from its inputs
+    length = min(sample_length, ds.target_len)
+    if length > 0 and chief and sample_source is not None:
+      weights = ckpt_lib.to_host(state.weights) if parallel else state.weights
+      sample = _seq2seq_sample(model, ds, weights, sample_source, length,
+                               sample_temperature, seed, dtype, run_dir, steps)
+    return {'step': max(start, steps), 'loss': loss, 'eval_loss': eval_loss,
+            'checkpoint': path, 'sample': sample}
   # Positions past seq_len were never trained: generate within the context.
   length = min(sample_length, seq_len - len(ds.tokenizer.encode(sample_prompt)))
   if length > 0 and chief:
@@ -341,6 +380,53 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
     print(f'sample: {sample_prompt}{sample}', flush=True)
   return {'step': max(start, steps), 'loss': loss, 'eval_loss': eval_loss,
           'checkpoint': path, 'sample': sample}
+
+
+def _check_model_inputs(model, seq2seq, dataset):
+  if seq2seq and model.n_in != 2:
+    raise UserError(
+        f'dataset {dataset!r} gives (inputs, targets) pairs but the model takes '
+        f'{model.n_in} input(s); use an encoder-decoder model taking (inputs, '
+        'targets), e.g. training.seq2seq.Transformer or the Terraformer.')
+  if not seq2seq and model.n_in != 1:
+    raise UserError(
+        f'the model takes {model.n_in} inputs (an encoder-decoder) but dataset '
+        f'{dataset!r} is a language-modelling corpus; use a sequence-to-sequence '
+        'dataset (copy, spans:SOURCE, summarize:tfds:NAME) or a decoder-only model.')
+
+
+def _seq2seq_sample(model, ds, weights, batch, length, temperature, seed,
+                    compute_dtype, run_dir, step):
+  """Decodes the targets of `batch`'s first row from its inputs; logs and
+  returns the text (also written to samples.txt)."""
+  inputs = np.asarray(batch[0][:1])
+  expected = np.asarray(batch[1][0])[np.asarray(batch[2][0]) > 0]
+  out = generate_seq2seq(model, ds.vocab_size, weights, inputs, length,
+                         temperature, seed, compute_dtype)[0]
+  if not isinstance(ds.tokenizer, seq2seq_lib.IdTokenizer):  # text: stop at EOS
+    ends = np.flatnonzero(out == ds.tokenizer.eos_id)
+    out = out[:ends[0] + 1] if len(ends) else out
+  decode = getattr(ds, 'decode', ds.tokenizer.decode)
+  text, want = decode(out), decode(expected)
+  source = decode(inputs[0][inputs[0] != 0])
+  with open(os.path.join(run_dir, 'samples.txt'), 'a') as f:
+    f.write(json.dumps({'step': step, 'inputs': source, 'text': text,
+                        'targets': want}) + '\n')
+  print(f'sample: inputs {source!r}\n  decoded {text!r}\n  targets {want!r}',
+        flush=True)
+  return text
+
+
+def generate_seq2seq(model, vocab_size, weights, inputs, length,
+                     temperature=0.0, seed=0, compute_dtype=None, top_k=None):
+  """Decodes `length` target tokens for encoder inputs (batch, input_len);
+  returns (batch, length) int32 ids (temperature 0: greedy)."""
+  sampler = sampling.Sampler(model(vocab_size=vocab_size, mode='predict'),
+                             batch_size=inputs.shape[0],
+                             compute_dtype=compute_dtype,
+                             input_len=inputs.shape[1])
+  return sampler.decode(weights, inputs, length, temperature=temperature,
+                        top_k=top_k, seed=seed)
 
 
 def generate_text(model, tokenizer, vocab_size, weights, prompt, length,

@@ -5,6 +5,13 @@ then a `lax.scan` runs one jitted model step per new token and samples on the
 device: no host round trip per token.  Works for any model that follows the
 project's convention `model_fn(vocab_size=..., mode='predict')` and keeps its
 decoding state in layer state.
+
+Encoder-decoder models (n_in 2, trax's convention: called on (inputs,
+targets), first output the logits) decode with `Sampler.decode`: every call
+passes the encoder inputs (the model encodes them on its first call and keeps
+what it needs in state, e.g. trax's `tl.Cache`) and one target token; the
+first target token is `start_id` (0, what the model's own shift-right puts
+first in training).
 """
 
 import functools
@@ -47,6 +54,26 @@ def max_length(layer):
   return min(found) if found else None
 
 
+def match_structure(weights, template):
+  """`weights` laid out like `template` (the predict model's own weights).
+
+  A model built in another mode may nest the same weights differently (trax
+  wraps a predict-mode encoder in `tl.Cache`, one tuple level deeper); the
+  leaves must be the same arrays in the same order.  Returns `weights`
+  itself when the layouts already agree.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(weights)
+  want, want_def = jax.tree_util.tree_flatten(template)
+  if treedef == want_def:
+    return weights
+  if len(leaves) != len(want) or any(
+      np.shape(a) != np.shape(b) for a, b in zip(leaves, want)):
+    raise ValueError(
+        f'the weights ({len(leaves)} arrays) do not fit the predict-mode model '
+        f'({len(want)} arrays); build it with the configuration it was trained with.')
+  return jax.tree_util.tree_unflatten(want_def, leaves)
+
+
 class Sampler:
   """Generates continuations of prompts with a predict-mode model.
 
@@ -54,32 +81,54 @@ class Sampler:
     predict_model: the model built with mode='predict' (not yet initialised).
     batch_size: number of sequences decoded together.
     compute_dtype: dtype the float weights are cast to (None keeps them).
+    input_len: for an encoder-decoder (n_in 2), the length of the encoder
+      inputs it is initialised for (required then; unused otherwise).
   """
 
-  def __init__(self, predict_model, batch_size=1, compute_dtype=None):
+  def __init__(self, predict_model, batch_size=1, compute_dtype=None,
+               input_len=None):
     from trax import shapes  # pylint: disable=g-import-not-at-top
     self._model = predict_model
-    self._model.init(shapes.ShapeDtype((batch_size, 1), np.int32))
+    self.two_inputs = predict_model.n_in == 2
+    if self.two_inputs:
+      if not input_len:
+        raise ValueError('input_len is required for an encoder-decoder model '
+                         '(n_in 2): pass the encoder input length.')
+      signature = (shapes.ShapeDtype((batch_size, input_len), np.int32),
+                   shapes.ShapeDtype((batch_size, 1), np.int32))
+    else:
+      signature = shapes.ShapeDtype((batch_size, 1), np.int32)
+    self._model.init(signature)
+    self._input_len = input_len
     self._initial_state = self._model.state
+    self._template = self._model.weights
     self._dtype = compute_dtype
     self._batch_size = batch_size
     self.max_length = max_length(predict_model)
 
   @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-  def _generate(self, weights, prompt, rng, n_new, temperature, top_k):
+  def _generate(self, weights, prompt, rng, n_new, temperature, top_k,
+                inputs=None):
     from training.trainer import cast_floats  # pylint: disable=g-import-not-at-top
     weights = cast_floats(weights, self._dtype)
     model = self._model
     rngs = jax.random.split(rng, n_new)
     # Caches and other float state compute in the weights' dtype too.
     state = cast_floats(self._initial_state, self._dtype)
-    logits, state = model.pure_fn(prompt, weights, state, rngs[0])
-    first = choose_next(logits[:, -1], rngs[0], temperature, top_k)
+
+    def run(tokens, state, rng_t):  # -> (last position's logits, state)
+      x = tokens if inputs is None else (inputs, tokens)
+      out, state = model.pure_fn(x, weights, state, rng_t)
+      out = out[0] if model.n_out > 1 else out
+      return out[:, -1], state
+
+    logits, state = run(prompt, state, rngs[0])
+    first = choose_next(logits, rngs[0], temperature, top_k)
 
     def one_token(carry, rng_t):
       token, state = carry
-      logits, state = model.pure_fn(token[:, None], weights, state, rng_t)
-      nxt = choose_next(logits[:, -1], rng_t, temperature, top_k)
+      logits, state = run(token[:, None], state, rng_t)
+      nxt = choose_next(logits, rng_t, temperature, top_k)
       return (nxt, state), token
 
     (last, _), fed = jax.lax.scan(one_token, (first, state), rngs[1:])
@@ -98,6 +147,41 @@ class Sampler:
     Returns:
       (batch, n_new) int32 numpy array of generated ids.
     """
+    if self.two_inputs:
+      raise ValueError('this is an encoder-decoder model (n_in 2); decode '
+                       'targets from encoder inputs with Sampler.decode.')
+    return self._run(weights, prompt, n_new, temperature, top_k, seed)
+
+  def decode(self, weights, inputs, n_new, temperature=0.0, top_k=None, seed=0,
+             prompt=None, start_id=0):
+    """Decodes target tokens of an encoder-decoder given its encoder inputs.
+
+    Args:
+      weights: the model's weight tree.
+      inputs: (batch, input_len) int32 encoder inputs, 0-padded, input_len as
+        given to the Sampler.
+      n_new: target tokens to generate.
+      temperature, top_k, seed: see `choose_next` (temperature 0: greedy).
+      prompt: (batch, k) target tokens to force first, starting with
+        start_id (default: [[start_id]] per row).
+      start_id: the first decoder token (0, as the model's shift-right).
+
+    Returns:
+      (batch, n_new) int32 numpy array: the target tokens after the prompt.
+    """
+    if not self.two_inputs:
+      raise ValueError('decode needs an encoder-decoder model (n_in 2); '
+                       'continue a prompt with Sampler.generate.')
+    inputs = jnp.asarray(inputs, jnp.int32)
+    if inputs.shape != (self._batch_size, self._input_len):
+      raise ValueError(f'inputs shape {tuple(inputs.shape)} != the sampler\'s '
+                       f'({self._batch_size}, {self._input_len}); pad the '
+                       'inputs or build the Sampler with that input_len.')
+    if prompt is None:
+      prompt = np.full((self._batch_size, 1), start_id, np.int32)
+    return self._run(weights, prompt, n_new, temperature, top_k, seed, inputs)
+
+  def _run(self, weights, prompt, n_new, temperature, top_k, seed, inputs=None):
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.shape[0] != self._batch_size:
       raise ValueError(f'prompt batch {prompt.shape[0]} != sampler batch '
@@ -111,7 +195,8 @@ class Sampler:
           f'exceeds the model\'s predict-mode cache of {self.max_length} '
           f'positions (its max_len); generate fewer tokens or build the '
           f'model with a larger max_len.')
+    weights = match_structure(weights, self._template)
     out = self._generate(weights, prompt, jax.random.PRNGKey(seed), n_new,
-                         temperature, top_k)
+                         temperature, top_k, inputs)
     return np.asarray(out)
 

@@ -214,20 +214,34 @@ class Seq2SeqDataset:
     return {}
 
   def decode(self, ids):
-    """Ids -> text; ids above the tokenizer's vocabulary (sentinels) show as
-    T5's <extra_id_k>, k = vocab_size - 1 - id."""
-    n, parts, run = self.tokenizer.vocab_size, [], []
-    for t in np.asarray(ids).tolist():
-      if t < n:
-        run.append(t)
-        continue
-      if run:
-        parts.append(self.tokenizer.decode(run))
-        run = []
-      parts.append(f'<extra_id_{self.vocab_size - 1 - t}>')
+    """Ids -> text (see `decode_ids`)."""
+    return decode_ids(self.tokenizer, self.vocab_size, ids)
+
+
+def decode_ids(tokenizer, vocab_size, ids):
+  """Ids -> text; ids above the tokenizer's vocabulary (sentinels) show as
+  T5's <extra_id_k>, k = vocab_size - 1 - id."""
+  n, parts, run = tokenizer.vocab_size, [], []
+  for t in np.asarray(ids).tolist():
+    if t < n:
+      run.append(t)
+      continue
     if run:
-      parts.append(self.tokenizer.decode(run))
-    return ''.join(parts) if not isinstance(self.tokenizer, IdTokenizer) else ' '.join(parts)
+      parts.append(tokenizer.decode(run))
+      run = []
+    parts.append(f'<extra_id_{vocab_size - 1 - t}>')
+  if run:
+    parts.append(tokenizer.decode(run))
+  return (' ' if isinstance(tokenizer, IdTokenizer) else '').join(parts)
+
+
+def tokenizer_for_run(dataset, vocab_size, vocab_file=None):
+  """The tokenizer of a finished seq2seq run, from its checkpoint metadata."""
+  if dataset == 'copy' or dataset.startswith('copy:'):
+    return IdTokenizer(vocab_size)
+  if vocab_file:
+    return data_lib.SentencePieceTokenizer(vocab_file)
+  return data_lib.ByteTokenizer()
 
 
 class IdTokenizer:

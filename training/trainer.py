@@ -68,6 +68,14 @@ def accuracy_sum(logits, targets, weights):
   return jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
 
 
+def sequence_accuracy_sums(logits, targets, weights):
+  """(rows with every weighted argmax right, rows with any weight), float32."""
+  wrong = (jnp.argmax(logits, axis=-1) != targets) & (weights > 0)
+  has_tokens = jnp.any(weights > 0, axis=-1)
+  return (jnp.sum(has_tokens & ~jnp.any(wrong, axis=-1), dtype=jnp.float32),
+          jnp.sum(has_tokens, dtype=jnp.float32))
+
+
 def schedule_is_traceable(lr_schedule):
   """Whether `lr_schedule(step)` can be computed inside a jitted step."""
   try:
@@ -101,9 +109,26 @@ def aux_losses(state):
   return found
 
 
+def model_inputs(model, batch):
+  """What `model` is called on for a batch (inputs, targets, weights).
+
+  A language model (n_in 1) takes inputs (batch, length); an encoder-decoder
+  (n_in 2) takes (inputs (batch, input_len), targets (batch, target_len)) and
+  shifts the targets right itself, as trax's encoder-decoders do.
+  """
+  return (batch[0], batch[1]) if model.n_in == 2 else batch[0]
+
+
 def _logits_fn(model, compute_dtype):
+  """-> logits_fn(weights, state, x, rng) -> (logits, new_state).
+
+  Models with several outputs (e.g. trax's encoder-decoders return
+  (logits, targets)) give their first output as the logits.
+  """
   def logits_fn(weights, state, inputs, rng):
-    return model.pure_fn(inputs, cast_floats(weights, compute_dtype), state, rng)
+    out, new_state = model.pure_fn(inputs, cast_floats(weights, compute_dtype),
+                                   state, rng)
+    return (out[0] if model.n_out > 1 else out), new_state
   return logits_fn
 
 
@@ -162,8 +187,8 @@ def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
   base_opt_params = optimizer.opt_params  # hyperparameters; no slots built
 
   def loss(weights, state, batch, rng):
-    inputs, targets, token_weights = batch
-    logits, new_state = logits_fn(weights, state, inputs, rng)
+    _, targets, token_weights = batch
+    logits, new_state = logits_fn(weights, state, model_inputs(model, batch), rng)
     loss_sum, weight_sum = cross_entropy(logits, targets, token_weights)
     mean = loss_sum / jnp.maximum(weight_sum, 1.0)
     aux = aux_losses(new_state)  # none: the objective is the LM loss alone
@@ -206,29 +231,43 @@ def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
 def make_eval_step(model, compute_dtype=None, parallel=None):
   """Returns jitted `eval_fn(weights, state, batch) -> (loss_sum, weight_sum, correct)`.
 
-  With `parallel`, pass weights and batch laid out by it; the sums come back
-  replicated.
+  For a two-input (encoder-decoder) model it also returns (sequences_correct,
+  sequences): rows whose weighted tokens are all predicted right, and rows
+  with any weight.  With `parallel`, pass weights and batch laid out by it;
+  the sums come back replicated.
   """
   logits_fn = _logits_fn(model, compute_dtype)
   def eval_fn(weights, state, batch):
-    inputs, targets, token_weights = batch
-    logits, _ = logits_fn(weights, state, inputs, jax.random.PRNGKey(0))
+    _, targets, token_weights = batch
+    logits, _ = logits_fn(weights, state, model_inputs(model, batch),
+                          jax.random.PRNGKey(0))
     loss_sum, weight_sum = cross_entropy(logits, targets, token_weights)
     sums = loss_sum, weight_sum, accuracy_sum(logits, targets, token_weights)
+    if model.n_in == 2:
+      sums += sequence_accuracy_sums(logits, targets, token_weights)
     if parallel is not None:
       sums = parallel.constrain(sums, parallel.replicated_sharding)
     return sums
   return jax.jit(eval_fn)
 
 
-def init_train_state(model, optimizer, batch_shape, seed):
-  """Initialises the model for (batch, length) int32 inputs and the optimizer.
-
-  Returns a TrainState of device arrays.
-  """
+def input_signature(batch_shape):
+  """ShapeDtype of int32 ids for a (batch, length) shape, or a tuple of them
+  for a tuple of shapes (one per model input, e.g. ((batch, input_len),
+  (batch, target_len)) for an encoder-decoder)."""
   from trax import shapes  # pylint: disable=g-import-not-at-top
-  model.init(shapes.ShapeDtype(batch_shape, np.int32),
-             rng=jax.random.PRNGKey(seed))
+  if isinstance(batch_shape[0], (tuple, list)):
+    return tuple(shapes.ShapeDtype(tuple(s), np.int32) for s in batch_shape)
+  return shapes.ShapeDtype(tuple(batch_shape), np.int32)
+
+
+def init_train_state(model, optimizer, batch_shape, seed):
+  """Initialises the model for int32 inputs and the optimizer.
+
+  batch_shape: (batch, length), or one such shape per model input (see
+  `input_signature`).  Returns a TrainState of device arrays.
+  """
+  model.init(input_signature(batch_shape), rng=jax.random.PRNGKey(seed))
   slots, _ = optimizer.tree_init(model.weights)
   return TrainState(model.weights, slots, model.state)
 
