@@ -30,8 +30,15 @@ The layer takes the constructor arguments and defaults of trax's
 `tl.LSHSelfAttention` and holds the same weight tree, per head stacked:
 w_q (H, d_model, d_qk), w_v (H, d_model, d_v), w_o (H, d_v, d_model) (plus
 b_q (H, d_qk), b_v (H, d_v) with bias=True), initialised as trax does, so a
-trax layer's (or checkpoint's) weights load unchanged; the state tree is
-trax's too.  tests/test_lsh.py checks outputs and gradients against trax.
+trax layer's (or checkpoint's) weights load unchanged.  The state tree is
+trax's too, one row per (example, head), row b * n_heads + h:
+    train/eval: (buckets (B*H, n_hashes * L) int32, hash keys (B*H, 2) uint32)
+      (L = max_length_for_buckets when set: the buckets are zero-padded);
+    predict: (mem_end () int32, (memory (B, predict_mem_len, d_model),),
+      (buckets (B*H, n_hashes * predict_mem_len), buckets_idx (B*H,),
+       hash keys (B*H, 2))).
+The state is built for one batch size; a call with another raises.
+tests/test_lsh.py checks outputs, state and gradients against trax.
 
 Randomness, and replaying it (reversible layers).  The hash rotations come
 from a key per (example, head) kept in the layer's state, not from the call
@@ -334,7 +341,7 @@ class LSHSelfAttention(base.Layer):
                           jnp.int32)
       inner = (buckets, jnp.zeros((batch * h,), jnp.int32), keys)
       mem = jnp.zeros((batch, self._mem_len, d_model), x_sig.dtype)
-      self.state = (jnp.zeros((), jnp.int32), mem, inner)
+      self.state = (jnp.zeros((), jnp.int32), (mem,), inner)
     else:
       n = self._max_length_for_buckets or length
       self.state = (jnp.zeros((batch * h, self._n_hashes * n), jnp.int32),
@@ -435,7 +442,7 @@ class LSHSelfAttention(base.Layer):
   # ------------------------------------------------------------- predict
 
   def _forward_predict(self, x):
-    mem_end, mem, (buckets, buckets_idx, keys) = self.state
+    mem_end, (mem,), (buckets, buckets_idx, keys) = self.state
     batch, t = self._check_call(x, keys.shape[0])
     m, drop = self._mem_len, self._drop_len
     if t <= drop and t < m:
@@ -467,7 +474,7 @@ class LSHSelfAttention(base.Layer):
         lambda *a: step(*a, q_start=q_start, t=t))(
             seq_rows, buckets, buckets_idx, keys, *w)
     y = self._merge(o.reshape((batch, h, t, self._d_v)), x.dtype)
-    self.state = (new_end, new_mem,
+    self.state = (new_end, (new_mem,),
                   (buckets.reshape((rows, -1)), buckets_idx, keys))
     return y
 
