@@ -410,22 +410,40 @@ def _positional(pos_type, max_len, dropout, pos_axial_shape, pos_d_axial_embs,
       dropout=dropout, mode=mode)
 
 
-def _check_lengths(max_len):
-  def f(tok_e, tok_d):
-    for name, tok in (('inputs', tok_e), ('targets', tok_d)):
-      if tok.ndim != 2:
+class Terraformer(tl.Serial):
+  """The model's top `tl.Serial`; checks input shapes before running.
+
+  Inputs longer than max_len raise ValueError naming both lengths (at
+  `init` or when `pure_fn` is traced), not trax's wrapped LayerError.
+  """
+
+  def __init__(self, *layers, max_len):
+    super().__init__(*layers, name='Terraformer')
+    self._max_len = max_len
+
+  def _check(self, xs):
+    if not isinstance(xs, (list, tuple)) or len(xs) != 2:
+      raise ValueError('ConfigurableTerraformer takes (inputs, targets).')
+    for name, tok in zip(('inputs', 'targets'), xs):
+      if len(tok.shape) != 2:
         raise ValueError(f'{name} must be (batch, length) int32 token ids, '
-                         f'got shape {tok.shape}.')
-      if tok.shape[1] > max_len:
+                         f'got shape {tuple(tok.shape)}.')
+      if tok.shape[1] > self._max_len:
         raise ValueError(f'{name} have length {tok.shape[1]}, longer than '
-                         f'the configured maximum max_len={max_len}; '
+                         f'the configured maximum max_len={self._max_len}; '
                          f'truncate them or raise max_len.')
-    return tok_e, tok_d
-  return tl.Fn('CheckLengths', f, n_out=2)
+
+  def init(self, input_signature, *args, **kwargs):
+    self._check(input_signature)
+    return super().init(input_signature, *args, **kwargs)
+
+  def pure_fn(self, x, weights, state, rng, use_cache=False):
+    self._check(x)
+    return super().pure_fn(x, weights, state, rng, use_cache)
 
 
 @gin.configurable(module='terraformer')
-def ConfigurableTerraformer(input_vocab_size,
+def ConfigurableTerraformer(input_vocab_size=None,
                             output_vocab_size=None,
                             d_model=512,
                             d_ff=2048,
@@ -465,8 +483,10 @@ def ConfigurableTerraformer(input_vocab_size,
                             attention_sparsity=None,
                             attention_kernel_size=3,
                             lsh_options=None,
+                            encoder_lsh_options=None,
                             predict_cache_len=None,
-                            mode='train'):
+                            mode='train',
+                            vocab_size=None):
   """The Terraformer encoder-decoder (see the module docstring).
 
   Args:
@@ -511,10 +531,14 @@ def ConfigurableTerraformer(input_vocab_size,
     lsh_options: dict of further `LSHSelfAttention` arguments (chunk_len,
       n_hashes, n_buckets, n_chunks_before, n_chunks_after, predict_mem_len,
       predict_drop_len, max_length_for_buckets, ...).
+    encoder_lsh_options: the same for the encoder's LSH attention (None:
+      lsh_options); trax's arXiv config looks one chunk ahead there only.
     predict_cache_len: key/value cache length of 'dense' and 'sparse_qkv'
       decoder attention in 'predict' mode (None: 2 * max_len, room for the
       longest inputs plus the longest targets).
     mode: 'train', 'eval' or 'predict'.
+    vocab_size: this project's name for input_vocab_size (train.py calls
+      model(vocab_size=..., mode=...)); give one of the two.
 
   Returns:
     A layer (inputs (B, L1) int32, targets (B, L2) int32) ->
@@ -524,6 +548,11 @@ def ConfigurableTerraformer(input_vocab_size,
   """
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, not {mode!r}.')
+  if vocab_size is not None:
+    if input_vocab_size not in (None, vocab_size):
+      raise ValueError(f'vocab_size={vocab_size} and input_vocab_size='
+                       f'{input_vocab_size} differ; give one of them.')
+    input_vocab_size = vocab_size
   if input_vocab_size is None:
     raise ValueError('input_vocab_size=None (pre-embedded inputs) is not '
                      'supported; give the input vocabulary size.')
@@ -573,10 +602,12 @@ def ConfigurableTerraformer(input_vocab_size,
         ff_use_sru, ff_sparsity, center_layernorm, use_bfloat16, ff_mode)
 
   def attention(kind, causal, att_mode):
+    options = (lsh_options if causal or encoder_lsh_options is None
+               else encoder_lsh_options)
     return _attention_layer(
         kind, causal, d_model, n_heads, d_qk, d_v, dropout,
         attention_chunk_size, cache_len, attention_sparsity,
-        attention_kernel_size, lsh_options, att_mode)
+        attention_kernel_size, options, att_mode)
 
   def encoder_block():
     block = [
@@ -624,8 +655,7 @@ def ConfigurableTerraformer(input_vocab_size,
   decoder_blocks = [decoder_block(dec_types[i % len(dec_types)])
                     for i in range(n_decoder_layers)]
 
-  return tl.Serial(                                 # tok_e tok_d
-      _check_lengths(max_len),
+  return Terraformer(                               # tok_e tok_d
       tl.Select([0, 0, 0, 1, 1]),                   # tok_e tok_e tok_e tok_d tok_d
       tl.Parallel(in_encoder,
                   tl.Fn('PaddingMask', lambda t: t != 0),
@@ -644,6 +674,73 @@ def ConfigurableTerraformer(input_vocab_size,
           sparsity=loss_sparsity, d_lowrank=loss_d_lowrank,
           prob_sparse=loss_sparsity_prob, use_bfloat16=use_bfloat16,
           mode=mode),                               # logits
+      max_len=max_len)
+
+
+@gin.configurable(module='terraformer')
+def ReversibleTerraformerLM(vocab_size, d_model=512, d_ff=2048, n_layers=6,
+                            n_heads=8, dropout=0.1, max_len=2048,
+                            attention_type='dense', pos_type=None,
+                            ff_activation=tl.Relu, ff_use_sru=0,
+                            ff_chunk_size=0, ff_dropout=None, ff_sparsity=0,
+                            loss_sparsity_type='mult', loss_sparsity=0,
+                            loss_d_lowrank=0, n_attention_layers=1,
+                            attention_sparsity=None, attention_kernel_size=3,
+                            lsh_options=None, center_layernorm=True,
+                            mode='train'):
+  """Decoder-only LM with the Terraformer's reversible decoder blocks.
+
+  (B, L) int32 -> (B, L, vocab_size) logits:
+  Embedding + positions -> ReversibleSelect([0, 0]) -> ReversibleSerial(
+  n_layers decoder blocks, as in `ConfigurableTerraformer`) -> (x1 + x2) / 2
+  -> LayerNorm -> vocabulary projection.  Use it for long sequences (LSH,
+  reversible memory); `terraformer.models.TerraformerLM` is the
+  non-reversible pre-norm LM.  Arguments as in `ConfigurableTerraformer`
+  (attention_type: 'dense', 'sparse_qkv', 'lsh', a class, or a list used in
+  turn by layer; the predict-mode cache holds max_len positions).
+  """
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, not {mode!r}.')
+  for name, value in (('vocab_size', vocab_size), ('d_model', d_model),
+                      ('d_ff', d_ff), ('n_layers', n_layers),
+                      ('n_heads', n_heads), ('max_len', max_len)):
+    sparse_qkv._check_positive_int(name, value)  # pylint: disable=protected-access
+  if d_model % n_heads:
+    raise ValueError(f'n_heads={n_heads} must divide d_model={d_model}.')
+  if pos_type not in POS_TYPES or pos_type == 'axial':
+    raise ValueError(f"pos_type must be one of {POS_TYPES[:3] + ('no',)}, "
+                     f'not {pos_type!r}.')
+  types = attention_type if isinstance(attention_type, (list, tuple)) else [
+      attention_type]
+  d_head = d_model // n_heads
+
+  def block(kind):
+    layers = []
+    for _ in range(n_attention_layers):
+      layers += [tl.ReversibleHalfResidual(
+                     _layer_norm(center_layernorm),
+                     attention_layer=_attention_layer(
+                         kind, True, d_model, n_heads, d_head, d_head, dropout,
+                         0, max_len, attention_sparsity,
+                         attention_kernel_size, lsh_options, mode)),
+                 tl.ReversibleSwap()]
+    ff = FeedForwardWithOptions(d_model, d_ff, dropout, ff_activation,
+                                ff_dropout, ff_chunk_size, ff_use_sru,
+                                ff_sparsity, center_layernorm, False, mode)
+    return layers + [tl.ReversibleHalfResidual(ff), tl.ReversibleSwap()]
+
+  return tl.Serial(
+      model_lib.Embedding(vocab_size, d_model),
+      tl.Dropout(rate=dropout, shared_axes=[-2], mode=mode),
+      _positional(pos_type, max_len, dropout, (), None, 1.0, 0, False, mode),
+      tl.ReversibleSelect([0, 0]),
+      _reversible_serial([block(types[i % len(types)])
+                          for i in range(n_layers)]),
+      _xy_avg(),
+      model_lib.LayerNorm(),
+      sparse_qkv.SparseDenseWithOptions(
+          vocab_size, d_input=d_model, sparsity_type=loss_sparsity_type,
+          sparsity=loss_sparsity, d_lowrank=loss_d_lowrank, mode=mode),
   )
 
 

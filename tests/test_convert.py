@@ -151,7 +151,10 @@ def test_shape_mismatch_names_path_and_both_shapes(trax_model, tmp_path):
   # (d_model, d_lowrank = d_ff / N): (32, 16) in the checkpoint, (32, 32) here.
   assert 'SparseFF' in message and '.m1' in message
   assert '(32, 16)' in message and '(32, 32)' in message
-  fewer_layers = _ours(n_decoder_layers=1,
-                       encoder_decoder_attention_type='sparse_qkv')
-  with pytest.raises(ValueError, match='weight arrays'):
-    convert.load_trax_checkpoint(fewer_layers, stem + '.weights.npy.gz')
+  flat = convert.read_trax_checkpoint(stem + '.weights.npy.gz')
+  model = _ours()
+  convert.weights_from_flat(model, flat)  # fits
+  with pytest.raises(ValueError, match='fewer than the model'):
+    convert.weights_from_flat(model, flat[:-1])
+  with pytest.raises(ValueError, match=f'has {len(flat) + 1} weight arrays'):
+    convert.weights_from_flat(model, flat + [np.zeros(3)])
