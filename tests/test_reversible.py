@@ -17,6 +17,7 @@ import pytest
 from trax import layers as tl
 from trax import shapes
 
+from terraformer import lsh
 from terraformer import reversible
 from terraformer import sparse_ff
 from training import model as model_lib
@@ -148,6 +149,37 @@ def test_backward_replays_saved_sparse_ff_choices(setup):
   ff_grad_other = jax.tree_util.tree_leaves(w_ct_other[last])
   assert max(float(jnp.max(jnp.abs(a - b)))
              for a, b in zip(ff_grad, ff_grad_other)) > 1e-3
+
+
+def test_lsh_attention_half_residuals_match_plain_gradient():
+  """Half residuals with LSH attention: ours (terraformer.lsh, whose hashes
+  come from a key in its state) and trax's (recomputed through its
+  `forward_and_or_backward` with the saved buckets), both with attention
+  dropout.  The reversible gradient must equal the ordinary one.  (trax's own
+  tl.ReversibleSerial gets terraformer.lsh wrong: its backward runs the
+  attention from the state after the forward pass, i.e. other hashes.)"""
+  kwargs = dict(n_heads=2, d_qk=4, d_v=4, chunk_len=4, causal=True,
+                n_hashes=2, attention_dropout=0.2)
+  layers = [
+      tl.ReversibleHalfResidual(model_lib.LayerNorm(),
+                                attention_layer=lsh.LSHSelfAttention(**kwargs)),
+      tl.ReversibleSwap(),
+      tl.ReversibleHalfResidual(model_lib.LayerNorm(),
+                                attention_layer=tl.LSHSelfAttention(**kwargs)),
+      tl.ReversibleSwap(),
+  ]
+  ours = reversible.ReversibleSerial(*layers)
+  plain = reversible.NonReversibleSerial(*layers)
+  x1 = np.random.RandomState(0).normal(size=(1, 16, D)).astype(np.float32)
+  x2 = x1 + 1.0
+  ours.init(shapes.signature((x1, x2)), rng=jax.random.PRNGKey(0))
+  w, s = ours.weights, ours.state
+  rng = jax.random.PRNGKey(3)
+  (loss, _), grads = _loss(ours.pure_fn)(w, x1, x2, s, rng)
+  (ref_loss, _), ref_grads = _loss(plain.pure_fn)(w, x1, x2, s, rng)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  assert float(jnp.max(jnp.abs(grads[1]))) > 0.1
+  _assert_trees_close(grads, ref_grads)
 
 
 def test_replay_state_rule():
