@@ -50,8 +50,12 @@ compare against it.
 
 trax's own `tl.ReversibleSerial` reaches a similar effect through trax's
 `Layer._do_custom_gradients`; this module is ours, independent of that
-machinery, tested against it (tests/test_reversible.py), and handles the
-replay rules above in one place.
+machinery, tested against it and against ordinary autodiff
+(tests/test_reversible.py).  One difference matters: trax's backward runs an
+attention layer from its state *after* the forward pass, which is right for
+trax's LSH (it saves its buckets there) but wrong for `terraformer.lsh`,
+whose state holds the hash key the next call will use (trax's stack then
+gives gradients off by O(1); this one matches ordinary autodiff).
 """
 
 import jax
