@@ -6,8 +6,9 @@ r"""The ablation lab: each variant alone, same token budget, several seeds.
 
 Every run is `training.run.train` in this process, with the base gin config,
 the model `primer_trax.VariantLM(variant=NAME)` (the baseline DecoderLM with
-only that variant's change, see primer_trax/models.py) and seed s; it lives in
-<output_dir>/runs/<variant>/seed<s>.  A run is finished when its folder holds
+only that variant's change, or for the Transformer's relatives another model
+function given the baseline's size, see primer_trax/models.py) and seed s; it
+lives in <output_dir>/runs/<variant>/seed<s>.  A run is finished when its folder holds
 lab_done.json (written after its final checkpoint); rerunning the command
 skips finished runs, resumes unfinished ones from their checkpoints, and
 rewrites the report from all finished runs:
