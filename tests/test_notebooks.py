@@ -22,7 +22,7 @@ NOTEBOOK_DIR = os.path.join(ROOT, 'notebooks')
 NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, '*.ipynb')))
 EXPECTED = ('terraformer_from_scratch.ipynb', 'primer.ipynb',
             'feedback_transformer.ipynb')
-CELL_TIMEOUT_S = 600
+CELL_TIMEOUT_S = 900
 
 
 def _name(path):
