@@ -4,8 +4,9 @@ Each notebook is executed with nbclient in a kernel named 'python3' that runs
 this interpreter (a kernel spec written to a temporary JUPYTER_PATH, which
 Jupyter searches first), with the repository on PYTHONPATH.  A cell that
 raises fails the test with that cell's traceback; the notebooks check their
-own results with `assert`s.  Running them takes a few minutes in all on a
-2-core CPU: this is the slow file of the suite.
+own results with `assert`s.  This is the slow file of the suite: on the
+2-core development machine the three kernels used 219 s (Terraformer), 157 s
+(Primer) and 172 s (Feedback) of CPU time, imports and compilation included.
 """
 
 import glob
