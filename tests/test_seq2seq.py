@@ -7,7 +7,6 @@ import gin
 import jax
 import numpy as np
 import pytest
-import trax
 
 from training import data
 from training import metrics as metrics_lib
@@ -219,39 +218,6 @@ def test_copy_task_batches():
 
 # --- Two-input models: trainer, run, decoding -----------------------------
 
-def tiny_transformer(vocab_size, mode='train'):
-  return S.Transformer(vocab_size, d_model=32, d_ff=64, n_encoder_layers=1,
-                       n_decoder_layers=1, n_heads=2, dropout=0.0, max_len=64, mode=mode)
-
-
-def test_two_input_model_trains_and_decodes():
-  """The jitted step on (inputs, targets): loss falls; greedy decoding
-  in predict mode equals the eval-mode argmax over its own output."""
-  ds = S.CopyDataset(vocab_size=13, input_len=8, batch_size=8, seed=0)
-  model = tiny_transformer(13)
-  opt = trax.optimizers.Adam(weight_decay_rate=0.0)
-  state = T.init_train_state(model, opt, ((8, 8), (8, 8)), seed=0)
-  step = T.make_train_step(model, opt, lambda s: 1e-2)
-  losses = []
-  for i, batch in zip(range(40), ds.batches()):
-    state, m = step(state, i, batch, jax.random.PRNGKey(0), 0.0)
-    losses.append(float(m['loss']))
-  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
-  eval_model = tiny_transformer(13, mode='eval')
-  eval_model.init(T.input_signature(((8, 8), (8, 8))))
-  x = ds.eval_batches(1)[0][0]
-  sampler = sampling.Sampler(tiny_transformer(13, mode='predict'), batch_size=8,
-                             input_len=8)
-  out = sampler.decode(state.weights, x, 8)
-  logits = jax.jit(eval_model.pure_fn)((x, out), state.weights, state.state,
-                                       jax.random.PRNGKey(0))[0][0]
-  np.testing.assert_array_equal(np.argmax(logits, -1), out)
-  with pytest.raises(ValueError, match='Sampler.decode'):
-    sampler.generate(state.weights, x, 4)
-  with pytest.raises(ValueError, match='input_len'):
-    sampling.Sampler(tiny_transformer(13, mode='predict'))
-
-
 def test_run_trains_evaluates_resumes_and_decodes_a_seq2seq_model(tmp_path):
   """gin/seq2seq/copy_tiny.gin through run.train: train, eval (also the longer
   held-out copies), checkpoint, resume, sample; then training.decode."""
@@ -283,6 +249,20 @@ def test_run_trains_evaluates_resumes_and_decodes_a_seq2seq_model(tmp_path):
     assert isinstance(tok, S.IdTokenizer)
     texts = decode.decode_seq2seq(model_fn, tok, weights, dtype, meta, '3 4 5', 8)
     assert len(texts) == 1 and len(texts[0].split()) == 8
+    # greedy predict-mode decoding == eval-mode argmax over its own output
+    out = np.array([[int(t) for t in texts[0].split()]], np.int32)
+    x = np.array([[3, 4, 5, 0, 0, 0, 0, 0]], np.int32)
+    eval_model = model_fn(vocab_size=13, mode='eval')
+    _, state = eval_model.init(T.input_signature(((1, 8), (1, 8))))
+    logits = jax.jit(eval_model.pure_fn)((x, out), weights, state, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.argmax(logits[0][0], -1), out)
+    sampler = sampling.Sampler(model_fn(vocab_size=13, mode='predict'), input_len=8)
+    with pytest.raises(ValueError, match='Sampler.decode'):
+      sampler.generate(weights, x, 4)
+    with pytest.raises(ValueError, match='inputs shape'):
+      sampler.decode(weights, x[:, :4], 4)
+    with pytest.raises(ValueError, match='input_len'):
+      sampling.Sampler(model_fn(vocab_size=13, mode='predict'))
     with pytest.raises(run.UserError, match='encoder-decoder'):
       run.train(str(tmp_path / 'c'), steps=1, dataset='python_docs', seq_len=8,
                 batch_size=2)
