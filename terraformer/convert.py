@@ -216,19 +216,24 @@ def load_trax_checkpoint(model, path, allow_pickle=False):
 # Command line.
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('checkpoint', None, 'trax checkpoint: <name>.pkl.gz '
-                    '(needs --allow_pickle) or <name>.weights.npy.gz.')
-flags.DEFINE_bool('allow_pickle', False, 'Unpickle a .pkl.gz checkpoint. '
-                  'Unpickling runs code named by the file: trusted files only.')
-flags.DEFINE_multi_string('gin_file', [], 'Gin files configuring '
-                          'terraformer.ConfigurableTerraformer.')
-flags.DEFINE_multi_string('gin_param', [], 'Extra gin bindings.')
-flags.DEFINE_string('output_dir', None, 'Run directory to write our '
-                    'checkpoint to (training/checkpoint.py format, step 0).')
-flags.DEFINE_integer('input_length', 512, 'Input length to initialise with.')
-flags.DEFINE_integer('target_length', 256, 'Target length to initialise with.')
-flags.DEFINE_integer('vocab_size', None, 'input_vocab_size (if gin does not '
-                     'bind it).')
+
+
+def _define_flags():
+  """Command-line flags, defined only when run as a program (train.py defines
+  flags of the same names, and both may be imported in one process)."""
+  flags.DEFINE_string('checkpoint', None, 'trax checkpoint: <name>.pkl.gz '
+                      '(needs --allow_pickle) or <name>.weights.npy.gz.')
+  flags.DEFINE_bool('allow_pickle', False, 'Unpickle a .pkl.gz checkpoint. '
+                    'Unpickling runs code named by the file: trusted files only.')
+  flags.DEFINE_multi_string('gin_file', [], 'Gin files configuring '
+                            'terraformer.ConfigurableTerraformer.')
+  flags.DEFINE_multi_string('gin_param', [], 'Extra gin bindings.')
+  flags.DEFINE_string('output_dir', None, 'Run directory to write our '
+                      'checkpoint to (training/checkpoint.py format, step 0).')
+  flags.DEFINE_integer('input_length', 512, 'Input length to initialise with.')
+  flags.DEFINE_integer('target_length', 256, 'Target length to initialise with.')
+  flags.DEFINE_integer('vocab_size', None, 'input_vocab_size (if gin does not '
+                       'bind it).')
 
 
 def main(argv):
@@ -257,4 +262,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -111,22 +111,21 @@ def test_eval_logits_match_trax_both_checkpoint_formats(trax_model,
 
 def test_greedy_predict_decoding_matches_trax_eval(trax_model, trax_apply,
                                                    tmp_path):
-  n_tokens = 5
-  inputs = np.array([[3, 9, 4, 11, 2, 7]], np.int32)
+  # Same shapes as the eval test: trax's jitted function is reused.
+  inputs = np.random.RandomState(1).randint(1, VOCAB, (2, L1)).astype(np.int32)
   # trax, eval mode: re-run on the growing target prefix (zero-padded to a
   # fixed length: position i sees targets < i only) and take the argmax.
-  decoded = np.zeros((1, n_tokens), np.int32)
-  for i in range(n_tokens):
+  decoded = np.zeros((2, L2), np.int32)
+  for i in range(L2):
     logits = trax_apply((inputs, decoded))
-    decoded[0, i] = int(jnp.argmax(logits[0, i]))
+    decoded[:, i] = np.argmax(np.asarray(logits)[:, i], axis=-1)
   path = str(tmp_path / 'm.pkl.gz')
   trax_model.save_to_file(path, weights_only=True)
-  model = _ours(b=1, l2=n_tokens)
-  weights = convert.load_trax_checkpoint(model, path, allow_pickle=True)
-  # Trailing padding is trimmed before decoding.
-  padded = np.concatenate([inputs, np.zeros((1, 1), np.int32)], axis=1)
-  ours = terraformer.greedy_decode(_ours(mode='predict', b=1, l2=1), weights,
-                                   padded, n_tokens)
+  weights = convert.load_trax_checkpoint(_ours(), path, allow_pickle=True)
+  # A padding column shared by both rows is trimmed before decoding.
+  padded = np.concatenate([inputs, np.zeros((2, 1), np.int32)], axis=1)
+  ours = terraformer.greedy_decode(_ours(mode='predict', b=2, l2=1), weights,
+                                   padded, L2)
   np.testing.assert_array_equal(np.asarray(ours), decoded)
 
 
