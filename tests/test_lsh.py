@@ -275,7 +275,7 @@ def test_buckets_are_replayed_from_state():
   The new state carries a fresh hashing key; the call rng drives dropout.
   """
   shape, kwargs = PARITY_CASES[2]
-  layer = lsh.LSHSelfAttention(**kwargs)
+  layer = lsh.LSHSelfAttention(**dict(kwargs, n_parallel_heads=None))
   layer.init(_signature(shape), rng=INIT)
   x, w, s = _x(shape), layer.weights, layer.state
   run = jax.jit(layer.pure_fn)
