@@ -285,20 +285,14 @@ class StreamingLMDataset(LMDataset):
             yield buf
 
     def _train_windows(self):
-        rng = np.random.default_rng([self.seed])
-        pool = []
+        """Yields the train split's full windows in file order, pass after pass, forever."""
         while True:
             n = 0
             for w in self._windows('train'):
                 if len(w) < self.seq_len + 1:
                     continue  # drop each epoch's short tail, training rows are never padded
                 n += 1
-                if len(pool) < self.shuffle_windows:
-                    pool.append(w)
-                    continue
-                i = rng.integers(len(pool))
-                yield pool[i]
-                pool[i] = w
+                yield w
             if n == 0:
                 raise ValueError(f"TFDS dataset {self.tfds_name!r} has no full window of "
                                  f"seq_len+1={self.seq_len + 1} tokens in its train split; "
@@ -308,7 +302,9 @@ class StreamingLMDataset(LMDataset):
         """Yields (inputs, targets, weights), each (batch_size, seq_len), for each step on."""
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}.")
-        windows = itertools.islice(self._train_windows(), start_step * self.batch_size, None)
+        windows = _shuffled(self._train_windows(), self.shuffle_windows,
+                            np.random.default_rng([self.seed]))
+        windows = itertools.islice(windows, start_step * self.batch_size, None)
         for group in _batched(windows, self.batch_size):
             yield _to_batch(group, self.seq_len)
 
@@ -331,6 +327,23 @@ def _batched(iterable, n):
     it = iter(iterable)
     while group := list(itertools.islice(it, n)):
         yield group
+
+
+def _shuffled(items, buffer_size, rng):
+    """Yields ``items`` reordered by a seeded shuffle buffer of ``buffer_size`` items.
+
+    Once the buffer is full, each new item replaces the buffered one drawn by
+    ``rng.integers``, which is yielded. Items still buffered when ``items`` ends
+    are dropped (the train streams never end).
+    """
+    pool = []
+    for item in items:
+        if len(pool) < buffer_size:
+            pool.append(item)
+            continue
+        i = rng.integers(len(pool))
+        yield pool[i]
+        pool[i] = item
 
 
 def _tfds_texts(tfds_name, split, data_dir):

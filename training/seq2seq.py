@@ -341,25 +341,22 @@ class StreamingSeq2SeqDataset(Seq2SeqDataset):
     self._eval_cache = {}
 
   def _train_examples(self):
-    rng = np.random.default_rng([self.seed, SPLIT_TRAIN])
-    pool = []
+    """Yields the train split's examples in file order, epoch after epoch, forever."""
     for epoch in itertools.count():
       n = 0
       for ex in self._examples('train', epoch):
         n += 1
-        if len(pool) < self.shuffle_examples:
-          pool.append(ex)
-          continue
-        i = rng.integers(len(pool))
-        yield pool[i]
-        pool[i] = ex
+        yield ex
       if n == 0:
         raise ValueError(f"Dataset {self.name!r} has no training example.")
 
   def batches(self, start_step=0):
     if start_step < 0:
       raise ValueError(f"start_step must be >= 0, got {start_step}.")
-    examples = itertools.islice(self._train_examples(), start_step * self.batch_size, None)
+    examples = data_lib._shuffled(  # pylint: disable=protected-access
+        self._train_examples(), self.shuffle_examples,
+        np.random.default_rng([self.seed, SPLIT_TRAIN]))
+    examples = itertools.islice(examples, start_step * self.batch_size, None)
     for group in data_lib._batched(examples, self.batch_size):  # pylint: disable=protected-access
       yield to_batch(group, self.input_len, self.target_len)
 
