@@ -68,7 +68,7 @@ from training import model as model_lib
 
 MODES = model_lib.MODES
 ATTENTION_TYPES = ('dense', 'sparse_qkv', 'lsh')
-POS_TYPES = (None, 'fixed-base', 'sin-cos', 'axial', 'no')
+POS_TYPES = (None, 'fixed-base', 'sin-cos', 'axial', 'no', 'shared-offset')
 
 
 def _reversible_serial(layers):
@@ -387,6 +387,74 @@ def _reversible_serial_forget(layers, d_model, n_layers, forget_dense):
                                 forget_dense))
 
 
+def sinusoids(positions, d):
+  """(...,) int positions -> (..., d) float32 sinusoidal encodings.
+
+  Channel 2i is sin(p / 10000^(2i/d)) and 2i+1 is cos of the same angle (the
+  Transformer's table, which trax's PositionalEncoding starts from).
+  """
+  freqs = jnp.exp(jnp.arange(0, d, 2, dtype=jnp.float32)
+                  * (-np.log(10000.0) / d))
+  angles = positions.astype(jnp.float32)[..., None] * freqs
+  pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return pe.reshape(positions.shape + (-1,))[..., :d]
+
+
+class SharedOffsetPositions(base.Layer):
+  """(vec_e (B, L1, D), vec_d (B, L2, D)) -> both plus sinusoidal positions.
+
+  pos_type 'shared-offset' of `ConfigurableTerraformer` (ours, not trax's):
+  fixed sinusoids, and in 'train' mode each row's inputs and targets both
+  start at one random position o (with probability 1 - start_from_zero_prob;
+  o uniform in 0 .. max_offset), so that the encoder token i and the target i
+  keep the same position as each other while every position up to
+  max_offset + length is trained ("randomized positional encodings", Ruoss et
+  al. 2023).  In 'eval' and 'predict' mode rows start at 0; in 'predict' mode
+  the targets' positions continue from a counter in the state.  (trax's
+  own offsets, pos_type None with pos_max_offset_to_add, are drawn
+  separately for the encoder and the decoder, so the two disagree.)
+  """
+
+  def __init__(self, max_len, max_offset=0, start_from_zero_prob=0.0,
+               mode='train'):
+    super().__init__(n_in=2, n_out=2, name='SharedOffsetPositions')
+    if not 0 <= max_offset < max_len:
+      raise ValueError(f'pos_max_offset_to_add must be in 0 .. max_len - 1 '
+                       f'({max_len - 1}), not {max_offset}.')
+    if not 0.0 <= start_from_zero_prob <= 1.0:
+      raise ValueError(f'pos_start_from_zero_prob must be in [0, 1], not '
+                       f'{start_from_zero_prob}.')
+    self._max_len, self._max_offset = max_len, max_offset
+    self._p_zero, self._mode = start_from_zero_prob, mode
+
+  def forward(self, inputs):
+    vec_e, vec_d = inputs
+    b, l1, d = vec_e.shape
+    l2 = vec_d.shape[1]
+    if self._mode == 'train' and self._max_offset:
+      if self._max_offset + max(l1, l2) > self._max_len:
+        raise ValueError(
+            f'pos_max_offset_to_add ({self._max_offset}) plus the sequence '
+            f'length ({max(l1, l2)}) exceeds max_len ({self._max_len}).')
+      rng_o, rng_z = jax.random.split(self.rng)
+      o = jax.random.randint(rng_o, (b, 1), 0, self._max_offset + 1)
+      zero = jax.random.uniform(rng_z, (b, 1)) < self._p_zero
+      o = jnp.where(zero, 0, o)
+    else:
+      o = jnp.zeros((b, 1), jnp.int32)
+    start_d = self.state if self._mode == 'predict' else o
+    pos_e = o + jnp.arange(l1)[None, :]
+    pos_d = start_d + jnp.arange(l2)[None, :]
+    if self._mode == 'predict':
+      self.state = self.state + l2
+    return (vec_e + sinusoids(pos_e, d).astype(vec_e.dtype),
+            vec_d + sinusoids(pos_d, d).astype(vec_d.dtype))
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      self.state = jnp.zeros((input_signature[1].shape[0], 1), jnp.int32)
+
+
 def _positional(pos_type, max_len, dropout, pos_axial_shape, pos_d_axial_embs,
                 pos_start_from_zero_prob, pos_max_offset_to_add, use_bfloat16,
                 mode):
@@ -399,7 +467,7 @@ def _positional(pos_type, max_len, dropout, pos_axial_shape, pos_d_axial_embs,
     return tl.FixedBasePositionalEncoding(mode=mode)
   if pos_type == 'sin-cos':
     return tl.SinCosPositionalEncoding(mode=mode)
-  if pos_type == 'no':
+  if pos_type in ('no', 'shared-offset'):  # 'shared-offset': after embedding
     return []
   if not pos_axial_shape or pos_d_axial_embs is None:
     raise ValueError("pos_type 'axial' needs pos_axial_shape and "
@@ -505,9 +573,11 @@ def ConfigurableTerraformer(input_vocab_size=None,
     encoder_decoder_attention_type: 'dense', 'sparse_qkv', 'lsh', a trax-style
       class, or a list of these used in turn by decoder layer.
     pos_type: None (learned table, trax's PositionalEncoding), 'fixed-base',
-      'sin-cos', 'axial' (with pos_axial_shape, pos_d_axial_embs) or 'no'.
+      'sin-cos', 'axial' (with pos_axial_shape, pos_d_axial_embs), 'no', or
+      'shared-offset' (ours: sinusoids whose random training offset is the
+      same for a row's inputs and targets; `SharedOffsetPositions`).
     pos_start_from_zero_prob, pos_max_offset_to_add: position offsets in
-      training (pos_type None).
+      training (pos_type None and 'shared-offset').
     ff_activation: activation of the dense feed-forward.
     ff_use_sru: k or (k, units): an SRU branch of k layers next to each FF.
     ff_chunk_size: run feed-forwards in chunks of this many rows (0: no).
@@ -595,6 +665,13 @@ def ConfigurableTerraformer(input_vocab_size=None,
   vocab_out = output_vocab_size or input_vocab_size
   in_encoder = tl.Serial(in_embedder, positional(enc_mode))
   out_encoder = tl.Serial(out_embedder, positional(mode))
+  if pos_type == 'shared-offset':                   # e mask tok_e d tok_d
+    shared_positions = [tl.Select([0, 3, 1, 2, 4]),  # e d mask tok_e tok_d
+                        SharedOffsetPositions(max_len, pos_max_offset_to_add,
+                                              pos_start_from_zero_prob, mode),
+                        tl.Select([0, 2, 3, 1, 4])]  # e mask tok_e d tok_d
+  else:
+    shared_positions = []
 
   def feed_forward(ff_mode):
     return FeedForwardWithOptions(
@@ -662,6 +739,7 @@ def ConfigurableTerraformer(input_vocab_size=None,
                   [],
                   [tl.ShiftRight(mode=mode), out_encoder]),
       # e mask tok_e vec_d tok_d
+      shared_positions,
       encoder,                                      # e [e] mask tok_e d tok_d
       concat,                                       # ed ed tok_e tok_d
       _reversible_serial_forget(decoder_blocks, d_model, n_layers_forget,
@@ -707,7 +785,7 @@ def ReversibleTerraformerLM(vocab_size, d_model=512, d_ff=2048, n_layers=6,
     sparse_qkv._check_positive_int(name, value)  # pylint: disable=protected-access
   if d_model % n_heads:
     raise ValueError(f'n_heads={n_heads} must divide d_model={d_model}.')
-  if pos_type not in POS_TYPES or pos_type == 'axial':
+  if pos_type not in POS_TYPES[:3] + ('no',):
     raise ValueError(f"pos_type must be one of {POS_TYPES[:3] + ('no',)}, "
                      f'not {pos_type!r}.')
   types = attention_type if isinstance(attention_type, (list, tuple)) else [
