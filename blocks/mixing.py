@@ -197,11 +197,21 @@ def GatedMLPBlock(d_model, d_ff, max_len, dropout=0.0, activation=tl.Gelu,
   )
 
 
-def _check_lm_args(d_model, d_ff, n_layers, max_len, mode):
+def _stack_lm(vocab_size, d_model, d_ff, n_layers, max_len, mode, block):
+  """Checks the arguments, then Embedding, n_layers `block()`s, LayerNorm, Dense.
+
+  (batch, length) int32 -> (batch, length, vocab_size) logits.
+  """
   for name, value in (('d_model', d_model), ('d_ff', d_ff),
                       ('n_layers', n_layers), ('max_len', max_len)):
     _check_positive_int(name, value)
   _check_mode(mode)
+  return tl.Serial(
+      model_lib.Embedding(vocab_size, d_model),
+      [block() for _ in range(n_layers)],
+      model_lib.LayerNorm(),
+      tl.Dense(vocab_size),
+  )
 
 
 @gin.configurable(module='blocks')
@@ -224,14 +234,10 @@ def MixerLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, max_len=2048,
     A layer (batch, length) int32 -> (batch, length, vocab_size) logits,
     length <= max_len.
   """
-  _check_lm_args(d_model, d_ff, n_layers, max_len, mode)
-  return tl.Serial(
-      model_lib.Embedding(vocab_size, d_model),
-      [CausalMixerBlock(d_model, d_ff, max_len, dropout, activation, mode)
-       for _ in range(n_layers)],
-      model_lib.LayerNorm(),
-      tl.Dense(vocab_size),
-  )
+  return _stack_lm(
+      vocab_size, d_model, d_ff, n_layers, max_len, mode,
+      lambda: CausalMixerBlock(d_model, d_ff, max_len, dropout, activation,
+                               mode))
 
 
 @gin.configurable(module='blocks')
@@ -257,12 +263,7 @@ def GatedMLPLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, max_len=2048,
     A layer (batch, length) int32 -> (batch, length, vocab_size) logits,
     length <= max_len.
   """
-  _check_lm_args(d_model, d_ff, n_layers, max_len, mode)
-  return tl.Serial(
-      model_lib.Embedding(vocab_size, d_model),
-      [GatedMLPBlock(d_model, d_ff, max_len, dropout, activation, mode,
-                     sgu_init_range=sgu_init_range)
-       for _ in range(n_layers)],
-      model_lib.LayerNorm(),
-      tl.Dense(vocab_size),
-  )
+  return _stack_lm(
+      vocab_size, d_model, d_ff, n_layers, max_len, mode,
+      lambda: GatedMLPBlock(d_model, d_ff, max_len, dropout, activation, mode,
+                            sgu_init_range=sgu_init_range))
