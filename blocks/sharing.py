@@ -49,6 +49,14 @@ def norm_mask(layer):
   return mask
 
 
+def _own_property(attr, from_cache):
+  """A property stored in self.<attr>; setting trax's `from_cache` marker is a no-op."""
+  def set_own(self, value):
+    if not (isinstance(value, dict) and value == from_cache):
+      setattr(self, attr, value)
+  return property(lambda self: getattr(self, attr), set_own)
+
+
 class SharedBlocks(base.Layer):
   """Applies L blocks in series with shared weights; see the module docstring.
 
@@ -74,23 +82,8 @@ class SharedBlocks(base.Layer):
     self._weights, self._state = (), ()
 
   # This layer's weights and state are its own, not tuples of its sublayers'.
-  @property
-  def weights(self):
-    return self._weights
-
-  @weights.setter
-  def weights(self, weights):
-    if not (isinstance(weights, dict) and weights == base.GET_WEIGHTS_FROM_CACHE):
-      self._weights = weights
-
-  @property
-  def state(self):
-    return self._state
-
-  @state.setter
-  def state(self, state):
-    if not (isinstance(state, dict) and state == base.GET_STATE_FROM_CACHE):
-      self._state = state
+  weights = _own_property('_weights', base.GET_WEIGHTS_FROM_CACHE)
+  state = _own_property('_state', base.GET_STATE_FROM_CACHE)
 
   def group(self, layer):
     """Index of the weight group layer `layer` (0-based) uses."""
