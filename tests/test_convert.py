@@ -62,10 +62,24 @@ def trax_apply(trax_model):
                       jax.random.PRNGKey(0))[0][0]
 
 
-def _ours(mode='eval', b=2, l2=L2, **overrides):
-  model = terraformer.ConfigurableTerraformer(mode=mode,
+@pytest.fixture(scope='module')
+def ours():
+  """Our eval-mode model, built and initialised once; tests load into it."""
+  return _ours()
+
+
+@pytest.fixture(scope='module')
+def ours_apply(ours):
+  """Our eval logits for given weights (one compilation for the module)."""
+  fn = jax.jit(ours.pure_fn)
+  return lambda x, weights: fn(x, weights, ours.state,
+                               jax.random.PRNGKey(0))[0]
+
+
+def _ours(**overrides):
+  model = terraformer.ConfigurableTerraformer(mode='eval',
                                               **dict(OUR_ARGS, **overrides))
-  model.init(_signature(b, l2))
+  model.init(_signature(2, L2))
   return model
 
 
@@ -85,8 +99,9 @@ def _write_loop_format(model, stem):
                                 'step': 1}, stem + '.pkl.gz', gzip=True)
 
 
-def test_eval_logits_match_trax_both_checkpoint_formats(trax_model,
-                                                        trax_apply, tmp_path):
+def test_eval_logits_match_trax_both_checkpoint_formats(trax_model, trax_apply,
+                                                        ours, ours_apply,
+                                                        tmp_path):
   inputs, targets = _batch()
   expected = np.asarray(trax_apply((inputs, targets)))
   old = str(tmp_path / 'old.pkl.gz')
@@ -94,11 +109,9 @@ def test_eval_logits_match_trax_both_checkpoint_formats(trax_model,
   stem = str(tmp_path / 'model_1')
   _write_loop_format(trax_model, stem)
   for path in (old, stem + '.pkl.gz'):
-    model = _ours()
-    convert.load_trax_checkpoint(model, path, allow_pickle=True)
-    got = np.asarray(jax.jit(model.pure_fn)(
-        (inputs, targets), model.weights, model.state,
-        jax.random.PRNGKey(0))[0])
+    ours.weights = jax.tree_util.tree_map(jnp.zeros_like, ours.weights)
+    weights = convert.load_trax_checkpoint(ours, path, allow_pickle=True)
+    got = np.asarray(ours_apply((inputs, targets), weights))
     assert got.shape == (2, L2, VOCAB)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
   # The weights file alone needs no pickle, and gives the same arrays.
@@ -109,7 +122,7 @@ def test_eval_logits_match_trax_both_checkpoint_formats(trax_model,
     np.testing.assert_array_equal(a, b)
 
 
-def test_greedy_predict_decoding_matches_trax_eval(trax_model, trax_apply,
+def test_greedy_predict_decoding_matches_trax_eval(trax_model, trax_apply, ours,
                                                    tmp_path):
   # Same shapes as the eval test: trax's jitted function is reused.
   inputs = np.random.RandomState(1).randint(1, VOCAB, (2, L1)).astype(np.int32)
@@ -121,25 +134,26 @@ def test_greedy_predict_decoding_matches_trax_eval(trax_model, trax_apply,
     decoded[:, i] = np.argmax(np.asarray(logits)[:, i], axis=-1)
   path = str(tmp_path / 'm.pkl.gz')
   trax_model.save_to_file(path, weights_only=True)
-  weights = convert.load_trax_checkpoint(_ours(), path, allow_pickle=True)
+  weights = convert.load_trax_checkpoint(ours, path, allow_pickle=True)
   # A padding column shared by both rows is trimmed before decoding.
   padded = np.concatenate([inputs, np.zeros((2, 1), np.int32)], axis=1)
-  ours = terraformer.greedy_decode(_ours(mode='predict', b=2, l2=1), weights,
-                                   padded, L2)
-  np.testing.assert_array_equal(np.asarray(ours), decoded)
+  # (greedy_decode initialises the predict-mode model for the trimmed inputs.)
+  predict = terraformer.ConfigurableTerraformer(mode='predict', **OUR_ARGS)
+  got = terraformer.greedy_decode(predict, weights, padded, L2)
+  np.testing.assert_array_equal(np.asarray(got), decoded)
 
 
-def test_pickle_needs_opt_in(trax_model, tmp_path):
+def test_pickle_needs_opt_in(ours, tmp_path):
   path = str(tmp_path / 'm.pkl.gz')
   with gzip.open(path, 'wb') as f:
     pickle.dump({'flat_weights': []}, f)
   with pytest.raises(ValueError, match='allow_pickle'):
     convert.read_trax_checkpoint(path)
   with pytest.raises(ValueError, match='allow_pickle'):
-    convert.load_trax_checkpoint(_ours(), path)
+    convert.load_trax_checkpoint(ours, path)
 
 
-def test_shape_mismatch_names_path_and_both_shapes(trax_model, tmp_path):
+def test_shape_mismatch_names_path_and_both_shapes(trax_model, ours, tmp_path):
   stem = str(tmp_path / 'model_1')
   _write_loop_format(trax_model, stem)
   wider = _ours(d_ff=128)
@@ -151,9 +165,8 @@ def test_shape_mismatch_names_path_and_both_shapes(trax_model, tmp_path):
   assert 'SparseFF' in message and '.m1' in message
   assert '(32, 16)' in message and '(32, 32)' in message
   flat = convert.read_trax_checkpoint(stem + '.weights.npy.gz')
-  model = _ours()
-  convert.weights_from_flat(model, flat)  # fits
+  convert.weights_from_flat(ours, flat)  # fits
   with pytest.raises(ValueError, match='fewer than the model'):
-    convert.weights_from_flat(model, flat[:-1])
+    convert.weights_from_flat(ours, flat[:-1])
   with pytest.raises(ValueError, match=f'has {len(flat) + 1} weight arrays'):
-    convert.weights_from_flat(model, flat + [np.zeros(3)])
+    convert.weights_from_flat(ours, flat + [np.zeros(3)])
