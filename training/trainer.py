@@ -192,8 +192,9 @@ def make_train_step(model, optimizer, lr_schedule, compute_dtype=None,
     loss_sum, weight_sum = cross_entropy(logits, targets, token_weights)
     mean = loss_sum / jnp.maximum(weight_sum, 1.0)
     aux = aux_losses(new_state)  # none: the objective is the LM loss alone
-    objective = mean + sum(aux) if aux else mean
-    return objective, (new_state, weight_sum, mean, sum(aux) if aux else None)
+    aux_sum = sum(aux) if aux else None
+    objective = mean if aux_sum is None else mean + aux_sum
+    return objective, (new_state, weight_sum, mean, aux_sum)
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
 
