@@ -4,11 +4,13 @@ Each notebook is executed with nbclient in a kernel named 'python3' that runs
 this interpreter (a kernel spec written to a temporary JUPYTER_PATH, which
 Jupyter searches first), with the repository on PYTHONPATH.  A cell that
 raises fails the test with that cell's traceback; the notebooks check their
-own results with `assert`s.  This is the slow file of the suite: on the
-2-core development machine the three kernels used 219 s (Terraformer), 157 s
-(Primer) and 172 s (Feedback) of CPU time, imports and compilation included.
+own results with `assert`s.  This is the slow file of the suite, mostly
+single-threaded Python (importing trax) and XLA compilation, so the
+notebooks run at the same time, one kernel each (nbclient's async API), the
+first time a test asks for them.
 """
 
+import asyncio
 import glob
 import json
 import os
@@ -63,12 +65,24 @@ def python3_kernel(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope='module')
+def executed(python3_kernel):  # pylint: disable=unused-argument
+  """Path -> the executed notebook, or the exception its execution raised."""
+  async def run_all():
+    clients = [NotebookClient(nbformat.read(path, as_version=4),
+                              timeout=CELL_TIMEOUT_S, kernel_name='python3',
+                              resources={'metadata': {'path': NOTEBOOK_DIR}})
+               for path in NOTEBOOKS]
+    return await asyncio.gather(*(c.async_execute() for c in clients),
+                                return_exceptions=True)
+  return dict(zip(NOTEBOOKS, asyncio.run(run_all())))
+
+
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=_name)
-def test_runs_top_to_bottom(path, python3_kernel):  # pylint: disable=unused-argument
-  nb = nbformat.read(path, as_version=4)
-  client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name='python3',
-                          resources={'metadata': {'path': NOTEBOOK_DIR}})
-  client.execute()  # raises CellExecutionError naming the failing cell
+def test_runs_top_to_bottom(path, executed):
+  nb = executed[path]
+  if isinstance(nb, BaseException):
+    raise nb  # e.g. CellExecutionError, naming the failing cell
   errors = [o for c in nb.cells if c.cell_type == 'code'
             for o in c.outputs if o.output_type == 'error']
   assert not errors
