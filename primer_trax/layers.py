@@ -20,6 +20,7 @@ uses only w_0, and it initialises with Glorot uniform).
 """
 
 import gin
+import jax
 from jax import numpy as jnp
 from trax import layers as tl
 from trax.layers import base
@@ -29,6 +30,53 @@ from trax.layers import base
 def SquaredRelu():
   """max(x, 0)^2, elementwise; shape and dtype unchanged."""
   return tl.Fn('SquaredRelu', lambda x: jnp.square(jnp.maximum(x, 0)))
+
+
+def _shift(x, i):
+  """x (B, T, d) moved i positions later along T, zeros in front."""
+  return jnp.pad(x[:, :x.shape[1] - i], ((0, 0), (i, 0), (0, 0)))
+
+
+def _unshift(g, i):
+  """The adjoint of `_shift`: g moved i positions earlier, zeros at the end."""
+  return jnp.pad(g[:, i:], ((0, 0), (0, i), (0, 0)))
+
+
+@jax.custom_vjp
+def causal_depthwise_conv(x, w):
+  """out[b, t] = sum_i w[i] * x[b, t - i] (zero before the start).
+
+  x (B, T, d), w (k, d) in x's dtype.  Each tap shifts x on its own (no
+  padded copy of x), so XLA fuses the sum into one elementwise pass.
+  """
+  out = x * w[0]
+  for i in range(1, min(w.shape[0], x.shape[1])):  # later taps see only zeros
+    out = out + _shift(x, i) * w[i]
+  return out
+
+
+def _conv_fwd(x, w):
+  return causal_depthwise_conv(x, w), (x, w)
+
+
+def _conv_bwd(residuals, g):
+  x, w = residuals
+  k, t = w.shape[0], x.shape[1]
+  dx = g * w[0]
+  for i in range(1, min(k, t)):
+    dx = dx + _unshift(g, i) * w[i]
+  # dw[i] = sum over (b, t) of g * x shifted by i, as a vector-matrix product
+  # with f32 accumulation: on an H100 this GEMV beat XLA's own column
+  # reduction by 3.3 ms per step at 110m (BENCHMARKS.md, Primer-EZ).
+  n = x.shape[0] * t
+  ones = jnp.ones((1, n), g.dtype)
+  rows = [jnp.dot(ones, (g * (_shift(x, i) if i else x)).reshape(n, -1),
+                  preferred_element_type=jnp.float32)[0] if i < t
+          else jnp.zeros(w.shape[1:], jnp.float32) for i in range(k)]
+  return dx, jnp.stack(rows).astype(w.dtype)
+
+
+causal_depthwise_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 class CausalDepthwiseConv(base.Layer):
@@ -50,14 +98,9 @@ class CausalDepthwiseConv(base.Layer):
     w = self.weights.astype(x.dtype)
     k = self._kernel_size
     t = x.shape[1]
-    out = x * w[0]
     if self._mode != 'predict':
-      # Each tap shifts x on its own (no shared padded copy of x), so XLA can
-      # fuse the whole sum into one elementwise pass and keep only x for the
-      # backward pass.
-      for i in range(1, min(k, t)):  # taps past the start see only zeros
-        out = out + jnp.pad(x[:, :t - i], ((0, 0), (i, 0), (0, 0))) * w[i]
-      return out
+      return causal_depthwise_conv(x, w)
+    out = x * w[0]
     history = jnp.concatenate([self.state.astype(x.dtype), x], axis=1)
     if k > 1:
       self.state = history[:, -(k - 1):].astype(self.state.dtype)

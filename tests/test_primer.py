@@ -35,6 +35,28 @@ def test_conv_equation_and_official_init():
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.parametrize('kernel_size, length', [(3, 6), (5, 3)])
+def test_conv_gradients_equal_autodiff_of_the_equation(kernel_size, length):
+  """The hand-written backward pass (dw as a GEMV) equals jax.grad of the
+  plain sum of shifted products, also with taps longer than the sequence."""
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, length, 5))
+  w = jax.random.normal(jax.random.PRNGKey(5), (kernel_size, 5))
+
+  def plain(x, w):
+    xp = jnp.pad(x, ((0, 0), (kernel_size - 1, 0), (0, 0)))
+    return sum(w[i] * xp[:, kernel_size - 1 - i:kernel_size - 1 - i + length]
+               for i in range(kernel_size))
+
+  def loss(f):
+    return lambda x, w: jnp.sum(jnp.sin(f(x, w)) * jnp.arange(length)[:, None])
+
+  want = jax.grad(loss(plain), (0, 1))(x, w)
+  got = jax.grad(loss(P.causal_depthwise_conv), (0, 1))(x, w)
+  np.testing.assert_allclose(P.causal_depthwise_conv(x, w), plain(x, w), atol=1e-6)
+  for g, e in zip(got, want):
+    np.testing.assert_allclose(g, e, atol=1e-5)
+
+
 @pytest.mark.parametrize('kernel_size', [1, 2, 3, 5])
 def test_conv_matches_trax_and_predict_equals_eval(kernel_size):
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 9, 4))
