@@ -140,17 +140,19 @@ def strip_from_concatenation(vec_ed, tok_e, l2):
   return jnp.take_along_axis(vec_ed, idx[:, :, None], axis=1)
 
 
-class ConcatWithPadding(base.Layer):
-  """(vec_e (B, L1, D), vec_d (B, L2, D), mask_e (B, L1)) -> (B, L1+L2, D).
+class _FirstPredictCall(base.Layer):
+  """Base of the two layers below: (a, b, c) -> self._apply(a, b, c).
 
-  In 'predict' mode only the first call concatenates (it holds the inputs and
-  the first target token); later calls carry one new target token each and
-  pass vec_d through.  Which call it is shows in the state's shape (() before
-  the first call, (1,) after), so the choice is made when tracing.
+  In 'predict' mode only the first call applies it (that call holds the
+  inputs and the first target token); later calls carry one new target token
+  each and pass input number `_PASS` through.  Which call it is shows in the
+  state's shape (() before the first call, (1,) after), so the choice is made
+  when tracing.
   """
+  _PASS = 0
 
   def __init__(self, mode='train'):
-    super().__init__(n_in=3, n_out=1, name='ConcatWithPadding')
+    super().__init__(n_in=3, n_out=1, name=type(self).__name__)
     self._mode = mode
 
   def init_weights_and_state(self, input_signature):
@@ -158,34 +160,31 @@ class ConcatWithPadding(base.Layer):
       self.state = jnp.zeros((), jnp.int32)
 
   def forward(self, inputs):
-    vec_e, vec_d, mask_e = inputs
     if self._mode == 'predict':
       if self.state.shape:
-        return vec_d
+        return inputs[self._PASS]
       self.state = jnp.zeros((1,), jnp.int32)
+    return self._apply(*inputs)
+
+
+class ConcatWithPadding(_FirstPredictCall):
+  """(vec_e (B, L1, D), vec_d (B, L2, D), mask_e (B, L1)) -> (B, L1+L2, D).
+
+  `concat_with_padding`; in 'predict' mode later calls return vec_d.
+  """
+  _PASS = 1
+
+  def _apply(self, vec_e, vec_d, mask_e):
     return concat_with_padding(vec_e, vec_d, mask_e)
 
 
-class StripFromConcatenation(base.Layer):
+class StripFromConcatenation(_FirstPredictCall):
   """(vec_ed (B, L1+L2, D), tok_e (B, L1), tok_d (B, L2)) -> (B, L2, D).
 
-  'predict' mode: as `ConcatWithPadding`, only the first call strips.
+  `strip_from_concatenation`; in 'predict' mode later calls return vec_ed.
   """
 
-  def __init__(self, mode='train'):
-    super().__init__(n_in=3, n_out=1, name='StripFromConcatenation')
-    self._mode = mode
-
-  def init_weights_and_state(self, input_signature):
-    if self._mode == 'predict':
-      self.state = jnp.zeros((), jnp.int32)
-
-  def forward(self, inputs):
-    vec_ed, tok_e, tok_d = inputs
-    if self._mode == 'predict':
-      if self.state.shape:
-        return vec_ed
-      self.state = jnp.zeros((1,), jnp.int32)
+  def _apply(self, vec_ed, tok_e, tok_d):
     return strip_from_concatenation(vec_ed, tok_e, tok_d.shape[1])
 
 
