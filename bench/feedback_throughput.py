@@ -59,6 +59,7 @@ class Runner:
     opt = trax.optimizers.Adam(learning_rate=1e-4, weight_decay_rate=0.0)
     self.state = T.init_train_state(model, opt, (batch, cfg['seq']), args.seed)
     self.params = T.count_params(self.state.weights)
+    self.flops = T.train_flops_per_token(model, cfg['seq'])
     dtype = None if args.dtype == 'float32' else jnp.dtype(args.dtype)
     self.step = T.make_train_step(model, opt, lambda s: 1e-4, compute_dtype=dtype,
                                   clip_grad_norm=0.1)
@@ -96,6 +97,8 @@ def main():
   args = p.parse_args()
   cfg = SIZES[args.size]
   device = jax.devices()[0].device_kind
+  from training import trainer as T  # pylint: disable=g-import-not-at-top
+  peak = T.device_peak_flops()  # MFU against the bf16 peak, as elsewhere
   lines = [
       f'Feedback vs DecoderLM training throughput, size {args.size} {cfg}, '
       f'shared_kv={args.shared_kv}, unroll={args.unroll}, {args.dtype}, '
@@ -103,8 +106,8 @@ def main():
       f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC',
       f'command: python {" ".join(sys.argv)}', '',
       '| batch | feedback params | decoder params | feedback tok/s | '
-      'decoder tok/s | decoder / feedback |',
-      '|---|---|---|---|---|---|']
+      'decoder tok/s | decoder / feedback | feedback MFU | decoder MFU |',
+      '|---|---|---|---|---|---|---|---|']
   print('\n'.join(lines), flush=True)
   for batch in [int(b) for b in args.batch_sizes.split(',')]:
     runners = {k: Runner(k, cfg, batch, args) for k in ('feedback', 'decoder')}
@@ -117,9 +120,12 @@ def main():
         r.run(args.steps)
         times[k].append((time.perf_counter() - t0) / args.steps)
     tps = {k: batch * cfg['seq'] / statistics.median(v) for k, v in times.items()}
+    mfu = {k: ('n/a' if peak is None else
+               f'{100 * tps[k] * runners[k].flops / peak:.2f}%') for k in runners}
     row = (f"| {batch} | {runners['feedback'].params:,} | "
            f"{runners['decoder'].params:,} | {tps['feedback']:,.0f} | "
-           f"{tps['decoder']:,.0f} | {tps['decoder'] / tps['feedback']:.1f}x |")
+           f"{tps['decoder']:,.0f} | {tps['decoder'] / tps['feedback']:.1f}x | "
+           f"{mfu['feedback']} | {mfu['decoder']} |")
     print(row, flush=True)
     lines.append(row)
   if args.append_to:

@@ -19,16 +19,22 @@ key/value pair per memory: the paper's memory saving); without it each layer
 has its own LN1/Wk/Wv applied to the same memory (the published enwik8 run).
 LN1_l is also the layer's query norm, as in the official pre-norm code.
 
+Keys and values are never stored: every layer's keys and values are affine
+in the memory's normalized form n_j (LN1 without scale and bias), so one
+buffer of the last `span` normalized memories serves all layers, and each
+layer folds its LN1 affine part and Wk/Wv into the query side (`_attend`;
+mathematically the same scores and outputs).  This keeps one vector per
+memory whether or not K/V are shared.
+
 Training is sequential over positions and runs inside the jitted step: an
 outer `lax.scan` over blocks of `block_len` positions (each block
 rematerialised in the backward pass) and an inner `lax.scan` over the
-positions of a block, carrying fixed-size FIFO buffers of the last `span`
-memories and their keys/values.  With `truncate_gradients` the memories older
-than the current block are `stop_gradient`-ed and their keys/values recomputed
-at the block start, as the official trainer detaches its cache between blocks
+positions of a block, carrying that fixed-size FIFO buffer.  With
+`truncate_gradients` the memories older than the current block are
+`stop_gradient`-ed, as the official trainer detaches its cache between blocks
 (the projections still get gradients from old memories; the old memories do
-not).  In 'predict' mode the state is the key/value buffer and the position,
-so each new token costs the same whatever came before.
+not).  In 'predict' mode the state is the same buffer and the position, so
+each new token costs the same whatever came before.
 
 Initialisation follows the official code: embeddings and `key_pe` N(0, 1),
 linear layers U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the attention output and
@@ -77,45 +83,56 @@ def _dropout(x, rate, rng):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def memory_kv(kv_weights, m, cfg):
-  """Keys and values of memories, for each key/value group.
+def normalized_memory(m):
+  """LN1 without its affine part, in m's dtype: the form memories are kept in.
 
-  Args:
-    kv_weights: (norm_scale (G, d), norm_bias (G, d), wk (G, d, H*dh),
-      wv (G, d, H*dh)); G = 1 when shared, else n_layers.
-    m: (..., d) memory vectors.
-    cfg: Config.
-
-  Returns:
-    k, v: (G, ..., H, dh) each, in m's dtype.
+  Every layer's keys and values are affine in it (see `_attend`), so one
+  (batch, span, d) buffer serves all layers, shared K/V or not; the zero
+  memory of slots before the sequence start normalizes to zero.
   """
-  scale, bias, wk, wv = kv_weights
-  g, d = scale.shape
-  bshape = (g,) + (1,) * (m.ndim - 1) + (d,)
-  h = (_normalize(m)[None] * scale.reshape(bshape).astype(jnp.float32)
-       + bias.reshape(bshape).astype(jnp.float32)).astype(m.dtype)
-  out_shape = (g,) + m.shape[:-1] + (cfg.n_heads, cfg.head_dim)
-  k = jnp.einsum('g...d,gde->g...e', h, wk.astype(m.dtype)).reshape(out_shape)
-  v = jnp.einsum('g...d,gde->g...e', h, wv.astype(m.dtype)).reshape(out_shape)
-  return k, v
+  return _normalize(m).astype(m.dtype)
 
 
-def _push(buf, new, axis):
-  """FIFO: drops the oldest entry along `axis` and appends `new` at the end."""
-  new = jnp.expand_dims(new.astype(buf.dtype), axis)
-  rest = jax.lax.slice_in_dim(buf, 1, buf.shape[axis], axis=axis)
-  return jnp.concatenate([rest, new], axis=axis)
+def _push(buf, new):
+  """FIFO over axis 1: drops the oldest memory and appends `new` at the end."""
+  rest = jax.lax.slice_in_dim(buf, 1, buf.shape[1], axis=1)
+  return jnp.concatenate([rest, new[:, None].astype(buf.dtype)], axis=1)
 
 
-def step(weights, cfg, x0, k_buf, v_buf, rng=None, offsets=None):
+def _attend(q, n_buf, pe, kv, g, cfg, rng):
+  """One layer's attention from queries q (b, H, dh) to the buffered memories.
+
+  With n_j the normalized memory and LN1 = (scale s, bias c), the keys are
+  k_j = (n_j * s + c) Wk, so q.k_j = n_j.(s * Wk q) + c.Wk q: the second term
+  is the same for every slot and cancels in the softmax.  Likewise
+  sum_j p_j v_j = ((sum_j p_j n_j) * s + (sum_j p_j) c) Wv (the weights sum
+  to 1 except under dropout).  The buffer is read twice per layer, as keys
+  and values would be, but no per-layer key/value buffers are kept.
+  """
+  dtype = q.dtype
+  h, dh = cfg.n_heads, cfg.head_dim
+  scale, bias, wk, wv = (a[g].astype(dtype) for a in kv)
+  d = scale.shape[0]
+  a = jnp.einsum('bhe,dhe->bhd', q, wk.reshape(d, h, dh)) * scale
+  scores = (jnp.einsum('bhd,bsd->bhs', a, n_buf)
+            + jnp.einsum('bhe,es->bhs', q, pe))
+  probs = jax.nn.softmax(scores.astype(jnp.float32) / math.sqrt(dh), axis=-1)
+  probs = _dropout(probs, cfg.dropout, rng)
+  total = jnp.sum(probs, axis=-1, keepdims=True).astype(dtype)
+  probs = probs.astype(dtype)
+  mixed = jnp.einsum('bhs,bsd->bhd', probs, n_buf) * scale + total * bias
+  att = jnp.einsum('bhd,dhe->bhe', mixed, wv.reshape(d, h, dh))
+  return att.reshape(q.shape[0], h * dh)
+
+
+def step(weights, cfg, x0, n_buf, rng=None, offsets=None):
   """All layers at one position, attending to the `span` previous memories.
 
   Args:
     weights: the model's weight tree (see FeedbackTransformer).
     cfg: Config.
     x0: (batch, d) embedding of the current token.
-    k_buf, v_buf: (G, batch, span, H, dh) keys/values of m_{t-span..t-1},
-      oldest first.
+    n_buf: (batch, span, d) normalized memories m_{t-span..t-1}, oldest first.
     rng: dropout key, or None for no dropout.
     offsets: optional (L+1, batch, d) added to each x_t^l as it is computed
       (a probe for tests).
@@ -126,7 +143,7 @@ def step(weights, cfg, x0, k_buf, v_buf, rng=None, offsets=None):
   """
   _, key_pe, mem_logits, kv, layers, _ = weights
   dtype = x0.dtype
-  norm_scale, norm_bias = kv[0], kv[1]
+  n_buf = n_buf.astype(dtype)
   b = x0.shape[0]
   h, dh = cfg.n_heads, cfg.head_dim
   rngs = [None] * (2 * cfg.n_layers) if rng is None else list(
@@ -136,13 +153,8 @@ def step(weights, cfg, x0, k_buf, v_buf, rng=None, offsets=None):
   pe = key_pe.astype(dtype)
   for l, (wq, wo, n2s, n2b, w1, b1, w2, b2) in enumerate(layers):
     g = 0 if cfg.shared_kv else l
-    q = (_layer_norm(x, norm_scale[g], norm_bias[g]) @ wq.astype(dtype))
-    q = q.reshape(b, h, dh)
-    scores = (jnp.einsum('bhd,bshd->bhs', q, k_buf[g])
-              + jnp.einsum('bhd,ds->bhs', q, pe))
-    probs = jax.nn.softmax(scores.astype(jnp.float32) / math.sqrt(dh), axis=-1)
-    probs = _dropout(probs, cfg.dropout, rngs[2 * l]).astype(dtype)
-    att = jnp.einsum('bhs,bshd->bhd', probs, v_buf[g]).reshape(b, h * dh)
+    q = _layer_norm(x, kv[0][g], kv[1][g]) @ wq.astype(dtype)
+    att = _attend(q.reshape(b, h, dh), n_buf, pe, kv, g, cfg, rngs[2 * l])
     x = x + att @ wo.astype(dtype)
     ff = jax.nn.relu(_layer_norm(x, n2s, n2b) @ w1.astype(dtype) + b1.astype(dtype))
     ff = _dropout(ff, cfg.dropout, rngs[2 * l + 1])
@@ -185,38 +197,26 @@ def feedback_forward(weights, cfg, emb, block_len=None, truncate_gradients=True,
     offsets = jnp.pad(offsets, ((0, 0), (0, pad), (0, 0), (0, 0)))
     offsets = offsets.reshape(b, n_blocks, blk, -1, d).transpose(1, 2, 3, 0, 4)
   positions = jnp.arange(n_blocks * blk).reshape(n_blocks, blk)
-  kv = weights[3]
-  m0 = jnp.zeros((b, cfg.span, d), emb.dtype)
 
-  def one_position(carry, inputs):
-    m_buf, k_buf, v_buf = carry
+  def one_position(n_buf, inputs):
     x0, pos, off = inputs
     r = None if rng is None else jax.random.fold_in(rng, pos)
-    top, m, hidden = step(weights, cfg, x0, k_buf, v_buf, r, off)
-    k_new, v_new = memory_kv(kv, m, cfg)
-    if m_buf is not None:
-      m_buf = _push(m_buf, m, 1)
-    carry = (m_buf, _push(k_buf, k_new, 2), _push(v_buf, v_new, 2))
-    return carry, (top, hidden if off is not None else None)
+    top, m, hidden = step(weights, cfg, x0, n_buf, r, off)
+    n_buf = _push(n_buf, normalized_memory(m))
+    return n_buf, (top, hidden if off is not None else None)
 
-  # Truncated: blocks pass on the memories, each block detaches them and
-  # recomputes their keys/values (as the official trainer).  Otherwise blocks
-  # pass on the keys/values and no memory buffer is kept.
-  def one_block(carry, inputs):
+  # Truncated: each block detaches the memories it inherits, as the official
+  # trainer detaches its cache between blocks (the LN1/Wk/Wv weights still get
+  # gradients through them: they act on the query side, see `_attend`).
+  def one_block(n_buf, inputs):
     if truncate_gradients:
-      m_buf = jax.lax.stop_gradient(carry)
-      k_buf, v_buf = memory_kv(kv, m_buf, cfg)
-      (m_buf, _, _), out = jax.lax.scan(one_position, (m_buf, k_buf, v_buf), inputs,
-                                        unroll=unroll)
-      return m_buf, out
-    (_, k_buf, v_buf), out = jax.lax.scan(one_position, (None,) + carry, inputs,
-                                          unroll=unroll)
-    return (k_buf, v_buf), out
+      n_buf = jax.lax.stop_gradient(n_buf)
+    return jax.lax.scan(one_position, n_buf, inputs, unroll=unroll)
 
   if remat:
     one_block = jax.checkpoint(one_block)
-  init = m0 if truncate_gradients else memory_kv(kv, m0, cfg)
-  _, (top, hidden) = jax.lax.scan(one_block, init, (xs, positions, offsets))
+  n0 = jnp.zeros((b, cfg.span, d), emb.dtype)  # the zero memory, normalized
+  _, (top, hidden) = jax.lax.scan(one_block, n0, (xs, positions, offsets))
   top = top.reshape(n_blocks * blk, b, d).transpose(1, 0, 2)[:, :t]
   if hidden is not None:
     hidden = hidden.reshape(n_blocks * blk, -1, b, d).transpose(2, 0, 1, 3)[:, :t]
@@ -253,8 +253,8 @@ class FeedbackTransformer(base.Layer):
     layers: L x (wq (d, H dh), wo (H dh, d), norm2_scale (d,), norm2_bias (d,),
                  w1 (d, d_ff), b1 (d_ff,), w2 (d_ff, d), b2 (d,));
     head: (norm_scale (d,), norm_bias (d,), w_out (d, V), b_out (V,)).
-  'predict' state: (keys (G, batch, span, H, dh), values (same), position);
-  slots not yet written (position < span) stand for the zero memory.
+  'predict' state: (normalized memories (batch, span, d), oldest first;
+  position); slots not yet written hold the zero memory (normalized: zeros).
   """
 
   def __init__(self, vocab_size, d_model, d_ff, cfg, block_len, truncate_gradients,
@@ -272,6 +272,21 @@ class FeedbackTransformer(base.Layer):
   def config(self):
     return self._cfg
 
+  def matmul_params(self):
+    """Weights' matmul count per token, for `train_flops_per_token` / MFU.
+
+    The key/value form's count (whatever the implementation computes): per
+    layer Wq, Wo, W1, W2; Wk, Wv per group; the output head (not the
+    embedding).  Each position attends to all `span` slots (no causal
+    halving), 2 * span * H * dh multiply-adds per layer, counted here as that
+    many weights.
+    """
+    _, _, _, kv, layers, head = self.weights
+    n = sum(w.size for layer in layers for w in layer if w.ndim == 2)
+    n += kv[2].size + kv[3].size + head[2].size
+    cfg = self._cfg
+    return int(n + 2 * cfg.n_layers * cfg.span * cfg.n_heads * cfg.head_dim)
+
   def _check_length(self, length):
     if self._mode != 'predict' and length > self._max_train_len:
       raise ValueError(f'Input length {length} exceeds FeedbackLM max_len '
@@ -282,25 +297,14 @@ class FeedbackTransformer(base.Layer):
     dtype = weights[0].dtype
     emb = _embed(weights[0], ids).astype(dtype)
     if self._mode == 'predict':
-      k_buf, v_buf, pos = self.state
-      # Slots not yet written hold the zero memory, whose keys/values depend
-      # on the weights: computed here, not stored at init.
-      k_zero, v_zero = memory_kv(weights[3], jnp.zeros((1, 1, self._d_model), dtype),
-                                 self._cfg)
-      slots = jnp.arange(self._cfg.span)[None, None, :, None, None]
+      n_buf, pos = self.state
 
-      def one_token(carry, x0):
-        k, v, p = carry
-        empty = slots < self._cfg.span - p
-        k_in = jnp.where(empty, k_zero, k.astype(dtype))
-        v_in = jnp.where(empty, v_zero, v.astype(dtype))
-        top, m, _ = step(weights, self._cfg, x0, k_in, v_in)
-        k_new, v_new = memory_kv(weights[3], m, self._cfg)
-        return (_push(k, k_new, 2), _push(v, v_new, 2), p + 1), top
+      def one_token(n, x0):
+        top, m, _ = step(weights, self._cfg, x0, n)
+        return _push(n, normalized_memory(m)), top
 
-      (k_buf, v_buf, _), top = jax.lax.scan(one_token, (k_buf, v_buf, pos),
-                                            emb.transpose(1, 0, 2))
-      self.state = (k_buf, v_buf, pos + ids.shape[1])
+      n_buf, top = jax.lax.scan(one_token, n_buf, emb.transpose(1, 0, 2))
+      self.state = (n_buf, pos + ids.shape[1])
       top = top.transpose(1, 0, 2)
     else:
       self._check_length(ids.shape[1])
@@ -335,8 +339,7 @@ class FeedbackTransformer(base.Layer):
                     jax.random.normal(next(rngs), (cfg.head_dim, cfg.span)),
                     jnp.zeros((n + 1,)), kv, layers, head)
     if self._mode == 'predict':
-      shape = (g, b, cfg.span, cfg.n_heads, cfg.head_dim)
-      self.state = (jnp.zeros(shape), jnp.zeros(shape), jnp.zeros((), jnp.int32))
+      self.state = (jnp.zeros((b, cfg.span, d)), jnp.zeros((), jnp.int32))
 
 
 def _positive_int(name, value):

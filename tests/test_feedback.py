@@ -117,8 +117,8 @@ def test_predict_token_by_token_equals_eval(shared):
     out, state = call(weights, ids[:, i:i + 1], state)
     outs.append(out)
   np.testing.assert_allclose(np.concatenate(outs, axis=1), want, atol=1e-5, rtol=1e-5)
-  k_buf, v_buf, pos = state
-  assert k_buf.shape == ((1 if shared else L), B, S, H, D // H)  # fixed span
+  n_buf, pos = state
+  assert n_buf.shape == (B, S, D)  # fixed span, one vector per memory
   assert int(pos) == T
 
 
