@@ -13,6 +13,7 @@ import trax.supervised.lr_schedules
 import blocks.mixing
 import blocks.sharing
 import blocks.switch
+import feedback.data
 import feedback.model
 import primer_trax.layers
 import primer_trax.models
