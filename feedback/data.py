@@ -185,6 +185,9 @@ class AlgorithmicDataset:
                        f'variables, not {n_vars}; use e.g. algorithmic:3.')
     if seq_len < 8:
       raise ValueError(f'The algorithmic task needs seq_len >= 8, not {seq_len}.')
+    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1:
+      raise ValueError(f'feedback.make_dataset.n_train (training programs) must be '
+                       f'a positive integer, not {n_train!r}.')
     self.name = name or f'algorithmic:{n_vars}'
     self.n_vars, self.seq_len, self.batch_size = n_vars, seq_len, batch_size
     self.seed, self.n_train = seed, n_train
@@ -251,7 +254,4 @@ def make_dataset(name, *, seq_len, batch_size, seed=0, n_train=N_TRAIN):
   if n and not n.isdigit():
     raise ValueError(f'Unknown dataset {name!r}; the algorithmic task is named '
                      "'algorithmic' or 'algorithmic:N' with N variables (1 to 5).")
-  if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1:
-    raise ValueError(f'feedback.make_dataset.n_train must be a positive integer, '
-                     f'not {n_train!r}.')
   return AlgorithmicDataset(int(n or 3), seq_len, batch_size, seed, n_train, name=name)

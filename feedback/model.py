@@ -7,7 +7,7 @@ One memory vector per position, shared by every layer of every later position:
       z_t^l   = Attn_l(LN1_l(x_t^{l-1}); keys/values from m_{t-S}, ..., m_{t-1})
       x_t^l   = y + W2 relu(W1 LN2_l(y) + b1) + b2,   y = x_t^{l-1} + z_t^l
     m_t       = sum_{l=0..L} softmax(w)_l x_t^l         (w: L+1 scalars, init 0)
-    k_t, v_t  = LN1(m_t) Wk, LN1(m_t) Wv                (computed once per m_t)
+    k_t, v_t  = LN1(m_t) Wk, LN1(m_t) Wv    (by definition; never stored, see below)
     logits_t  = LN_out(x_t^L) W_out + b_out
 
 The attention at position t never sees m_t: every layer at t reads only the
@@ -278,14 +278,14 @@ class FeedbackTransformer(base.Layer):
     The key/value form's count (whatever the implementation computes): per
     layer Wq, Wo, W1, W2; Wk, Wv per group; the output head (not the
     embedding).  Each position attends to all `span` slots (no causal
-    halving), 2 * span * H * dh multiply-adds per layer, counted here as that
-    many weights.
+    halving): q.k, q.key_pe and the weighted sum of values, 3 * span * H * dh
+    multiply-adds per layer, counted here as that many weights.
     """
     _, _, _, kv, layers, head = self.weights
     n = sum(w.size for layer in layers for w in layer if w.ndim == 2)
     n += kv[2].size + kv[3].size + head[2].size
     cfg = self._cfg
-    return int(n + 2 * cfg.n_layers * cfg.span * cfg.n_heads * cfg.head_dim)
+    return int(n + 3 * cfg.n_layers * cfg.span * cfg.n_heads * cfg.head_dim)
 
   def _check_length(self, length):
     if self._mode != 'predict' and length > self._max_train_len:

@@ -318,15 +318,13 @@ def test_algorithmic_dataset_through_make_dataset():
     data_lib.make_dataset('algorithmic:x', seq_len=32, batch_size=2)
 
 
-def test_algorithmic_training_set_size_is_a_gin_binding():
+def test_algorithmic_training_set_size_is_a_gin_binding(_fresh_flags):
   """feedback.make_dataset.n_train sets the number of training programs (the
   default is the official 10,000); bad values are refused."""
   from training import data as data_lib
-  import training.configurables  # pylint: disable=unused-import,g-import-not-at-top
   default = data_lib.make_dataset('algorithmic:3', seq_len=32, batch_size=8)
   with gin.unlock_config():
     gin.bind_parameter('feedback.make_dataset.n_train', 40)
-  try:
     small = data_lib.make_dataset('algorithmic:3', seq_len=32, batch_size=8)
     assert small.n_train == 40 and '40 train programs' in small.description
     assert default.n_train == fdata.N_TRAIN
@@ -335,7 +333,5 @@ def test_algorithmic_training_set_size_is_a_gin_binding():
     rows = np.concatenate([next(batches)[0] for _ in range(6)])  # 48 rows
     assert {r.tobytes() for r in rows} == programs  # the 40 programs, all of them
     gin.bind_parameter('feedback.make_dataset.n_train', 0)
-    with pytest.raises(ValueError, match='n_train must be a positive integer'):
+    with pytest.raises(ValueError, match='n_train .training programs. must be a positive'):
       data_lib.make_dataset('algorithmic:3', seq_len=32, batch_size=8)
-  finally:
-    gin.clear_config()
