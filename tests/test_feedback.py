@@ -268,6 +268,32 @@ def test_tiny_config_trains_through_train_py(tmp_path, capsys, _fresh_flags):
   assert ckpt_lib.latest(out).endswith('ckpt_000000006')
 
 
+def test_length_curriculum_resumes_on_longer_programs(tmp_path, capsys, _fresh_flags):
+  """gin/feedback/curriculum_short.gin then curriculum_long.gin on one
+  --output_dir: phase 2 resumes phase 1's checkpoint with longer programs and
+  another batch size (tiny CPU sizes through --gin_param)."""
+  out, gin_dir = str(tmp_path / 'run'), os.path.join(ROOT, 'gin', 'feedback')
+  for phase, seq_len, batch, steps in (('short', 32, 4, 2), ('long', 64, 2, 3)):
+    train.FLAGS.unparse_flags()
+    gin.clear_config()
+    train.FLAGS(['train.py', f"--gin_file={os.path.join(gin_dir, 'algorithmic_3var_cpu.gin')}",
+                 f"--gin_file={os.path.join(gin_dir, f'curriculum_{phase}.gin')}",
+                 f'--gin_param=training.train.seq_len={seq_len}',
+                 f'--gin_param=training.train.batch_size={batch}',
+                 '--gin_param=feedback.make_dataset.n_train=8',
+                 f'--output_dir={out}', f'--steps={steps}', f'--eval_every={steps}',
+                 '--log_every=1', '--notensorboard'])
+    train.main(['train.py'])
+    config = open(os.path.join(out, 'config.gin')).read()
+    assert f'training.train.seq_len = {seq_len}' in config
+    assert 'FeedbackLM.dropout = 0.0' in config
+  printed = capsys.readouterr().out
+  assert 'resumed from' in printed and 'at step 2' in printed
+  assert 'one program per row of 64 tokens' in printed
+  assert 'train step 3 | loss' in printed and 'eval step 3 | loss' in printed
+  assert ckpt_lib.latest(out).endswith('ckpt_000000003')
+
+
 # --- the algorithmic task ---------------------------------------------------
 
 def test_algorithmic_data_is_deterministic_and_answers_are_right():
