@@ -206,10 +206,21 @@ class LocallyConvDense(base.Layer):
     if half:
       x = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
     dtype = jnp.result_type(x, kernel)  # like einsum's promotion
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype), kernel.astype(dtype), window_strides=(1, 1),
-        padding='VALID',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if self._mode == 'predict':
+      # The same sum as the convolution below, as one matmul over the
+      # (length_kernel_size x kernel_size) patches: at a token or a few, a
+      # GPU runs this as one small fused kernel where a convolution call
+      # costs more (bench/decode_speed.py).
+      n_len, n_mod = self._kernel_shape
+      patches = jnp.stack([x[:, a:a + length, c:c + self._n_modules]
+                           for a in range(n_len) for c in range(n_mod)], axis=3)
+      y = jnp.einsum('btspi,pio->btso', patches,
+                     jnp.reshape(kernel, (n_len * n_mod,) + kernel.shape[2:]))
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(1, 1), padding='VALID',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     y = y + bias
     return jnp.reshape(y, (batch, length, self._n_modules * self._n_units))
 
