@@ -15,9 +15,11 @@ def test_greedy_matches_eval_mode_argmax():
   prompt = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.int32)
   sampler = sampling.Sampler(model_lib.DecoderLM(mode='predict', **CFG), batch_size=2)
   got = sampler.generate(eval_model.weights, prompt, 10, temperature=0.0)
-  seq = prompt
-  for _ in range(10):  # the slow way: rerun the whole sequence per token
-    logits = eval_model(seq)
+  # The slow way: rerun the whole sequence per token (eval_model(seq), but
+  # jit-compiled once per length rather than op by op).
+  apply, state, seq = jax.jit(eval_model.pure_fn), eval_model.state, prompt
+  for _ in range(10):
+    logits, state = apply(seq, eval_model.weights, state, eval_model.rng)
     seq = np.concatenate([seq, np.argmax(logits[:, -1], -1)[:, None]], 1).astype(np.int32)
   np.testing.assert_array_equal(got, seq[:, 4:])
 

@@ -252,9 +252,9 @@ def test_trainer_objective_is_lm_loss_plus_aux_losses():
     return loss_sum / weight_sum, sum(T.aux_losses(new_state))
 
   w0 = jax.device_get(state.weights)
-  lm, aux = parts(w0)
-  grads = jax.grad(lambda w: sum(parts(w)))(w0)
-  lm_grads = jax.grad(lambda w: parts(w)[0])(w0)
+  lm, aux = jax.jit(parts)(w0)
+  grads = jax.jit(jax.grad(lambda w: sum(parts(w))))(w0)
+  lm_grads = jax.jit(jax.grad(lambda w: parts(w)[0]))(w0)
   step = T.make_train_step(model, opt, lambda s: 1.0)
   state, m = step(state, 0, batch, jax.random.PRNGKey(0), 0.0)
   np.testing.assert_allclose(m['loss'], lm, rtol=1e-5)

@@ -50,9 +50,11 @@ def test_sampler_greedy_matches_eval_argmax_with_every_sparse_layer():
   assert sampler.max_length == CFG['max_len']
   prompt = np.array([[1, 2, 3]], np.int32)
   got = sampler.generate(eval_model.weights, prompt, 8, temperature=0.0)
-  seq = prompt
+  # eval_model(seq) per length, jit-compiled once per length rather than op by op.
+  apply, state, seq = jax.jit(eval_model.pure_fn), eval_model.state, prompt
   for _ in range(8):
-    nxt = np.argmax(np.asarray(eval_model(seq))[:, -1], -1)
+    logits, state = apply(seq, eval_model.weights, state, eval_model.rng)
+    nxt = np.argmax(np.asarray(logits)[:, -1], -1)
     seq = np.concatenate([seq, nxt[:, None]], 1).astype(np.int32)
   np.testing.assert_array_equal(got, seq[:, 3:])
 
