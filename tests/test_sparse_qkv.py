@@ -97,10 +97,17 @@ CONV_CASES = [
 ]
 
 
+@pytest.fixture(params=[False, True], ids=['predict_conv', 'predict_matmul'])
+def predict_path(request, monkeypatch):
+  """Runs a test with either way of computing LocallyConvDense in predict mode."""
+  monkeypatch.setattr(sq, 'PREDICT_AS_MATMUL', request.param)
+  return request.param
+
+
 @pytest.mark.parametrize('n_modules,n_units,kernel,length_kernel,shape',
                          CONV_CASES)
 def test_locally_conv_dense_matches_trax_eval_and_predict(
-    n_modules, n_units, kernel, length_kernel, shape):
+    n_modules, n_units, kernel, length_kernel, shape, predict_path):
   args = (n_modules, n_units)
   kw = dict(kernel_size=kernel, length_kernel_size=length_kernel)
   batch, length, d_in = shape
@@ -119,7 +126,7 @@ def test_locally_conv_dense_matches_trax_eval_and_predict(
   np.testing.assert_allclose(_decode(ours_p, x), _decode(ref_p, x), **TOL)
 
 
-def test_locally_conv_dense_predict_equals_eval_after_prefill():
+def test_locally_conv_dense_predict_equals_eval_after_prefill(predict_path):
   """A 2-token prefill then single tokens give eval mode's outputs."""
   x = _x((2, 4, 16))
   layer = _init(sq.LocallyConvDense(4, 4, 'eval', 3, 3), x.shape)
