@@ -292,6 +292,8 @@ def test_length_curriculum_resumes_on_longer_programs(tmp_path, capsys, _fresh_f
   assert 'one program per row of 64 tokens' in printed
   assert 'train step 3 | loss' in printed and 'eval step 3 | loss' in printed
   assert ckpt_lib.latest(out).endswith('ckpt_000000003')
+  before = open(os.path.join(out, 'config_before_step_2.gin')).read()
+  assert 'training.train.seq_len = 32' in before  # phase 1's settings are kept
 
 
 # --- the algorithmic task ---------------------------------------------------

@@ -277,7 +277,13 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
   vocab_path = vocab_path and os.path.abspath(vocab_path)
   config_text = gin.config_str()
   if chief:
-    with open(os.path.join(run_dir, 'config.gin'), 'w') as f:
+    config_path = os.path.join(run_dir, 'config.gin')
+    if start and os.path.exists(config_path):
+      with open(config_path) as f:
+        old = f.read()
+      if old != config_text:  # resumed with other settings: keep the old ones
+        os.replace(config_path, os.path.join(run_dir, f'config_before_step_{start}.gin'))
+    with open(config_path, 'w') as f:
       f.write(config_text)
 
   def evaluate(step):
@@ -345,15 +351,21 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
         if peak and flops_per_token:
           values['mfu'] = flops_per_token * values['tokens_per_s'] / peak
       writer.write('train', done, values)
+    paused = None  # throughput counts training time only: not evals or saves
     if eval_every and done % eval_every == 0:
+      jax.block_until_ready(step_metrics)
+      paused = time.time()
       eval_loss = evaluate(done)
-      tick = time.time()  # throughput counts training time only
     if (checkpoint_every and done % checkpoint_every == 0) or done == steps:
+      if paused is None:
+        jax.block_until_ready(step_metrics)
+        paused = time.time()
       if pending:  # make sure the loss is finite before saving
         loss = float(jax.device_get(pending[-1]['loss']))
       path = save(done, loss)
       say(f'checkpoint: {path}', flush=True)
-      tick = time.time()
+    if paused is not None:
+      tick += time.time() - paused
   if eval_every and steps % eval_every and start < steps:
     eval_loss = evaluate(steps)
   writer.close()
