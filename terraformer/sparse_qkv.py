@@ -47,19 +47,14 @@ V_CONCAT_TYPES = ('original', 'fixed', 'none')
 SPARSITY_TYPES = (None, 'None', 'mult', 'lowrank', 'einsum', 'local', 'local3')
 
 
-# How 'predict' mode computes LocallyConvDense: None picks by the default
-# backend (CPU: a convolution call; GPU/TPU: one matmul over the patches),
-# True or False forces one.  Both compute the same sum; measured at the
-# paper's 800M shape (bench/decode_speed.py, BENCHMARKS.md), the matmul is
-# faster on an H100 (sparse QKV 1.44 against 1.92 ms/token) and slower on 16
-# CPU cores (54 against about 28 ms/token).
+# How 'predict' mode computes LocallyConvDense: None picks by the platform
+# the computation is compiled for (CPU: a convolution call; otherwise one
+# matmul over the patches), True or False forces the matmul or the
+# convolution (tests run both).  Both compute the same sum; at the paper's
+# 800M shape (bench/decode_speed.py, BENCHMARKS.md) the matmul was faster on
+# an H100 (sparse QKV 1.44 against 1.92 ms/token) and slower on 16 CPU cores
+# (54 against about 28 ms/token); other accelerators were not measured.
 PREDICT_AS_MATMUL = None
-
-
-def _predict_as_matmul():
-  if PREDICT_AS_MATMUL is None:
-    return jax.default_backend() != 'cpu'
-  return PREDICT_AS_MATMUL
 
 
 def _check_positive_int(name, value):
@@ -222,20 +217,28 @@ class LocallyConvDense(base.Layer):
       x = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
     dtype = jnp.result_type(x, kernel)  # like einsum's promotion
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if self._mode == 'predict' and _predict_as_matmul():
-      # The same sum as the convolution below, as one matmul over the
-      # (length_kernel_size x kernel_size) patches: at a token or a few, a
-      # GPU runs this as one small fused kernel where a cuDNN convolution
-      # call costs more (see PREDICT_AS_MATMUL).
+
+    def conv(x, kernel):
+      return jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(1, 1), padding='VALID',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    def patch_matmul(x, kernel):
+      # The same sum as `conv`, as one matmul over the (length_kernel_size x
+      # kernel_size) patches: at a token or a few, a GPU runs this as one
+      # small fused kernel where a cuDNN convolution call costs more.
       n_len, n_mod = self._kernel_shape
       patches = jnp.stack([x[:, a:a + length, c:c + self._n_modules]
                            for a in range(n_len) for c in range(n_mod)], axis=3)
-      y = jnp.einsum('btspi,pio->btso', patches,
-                     jnp.reshape(kernel, (n_len * n_mod,) + kernel.shape[2:]))
+      return jnp.einsum('btspi,pio->btso', patches,
+                        jnp.reshape(kernel, (n_len * n_mod,) + kernel.shape[2:]))
+
+    if self._mode != 'predict' or PREDICT_AS_MATMUL is False:
+      y = conv(x, kernel)
+    elif PREDICT_AS_MATMUL:
+      y = patch_matmul(x, kernel)
     else:
-      y = jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(1, 1), padding='VALID',
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      y = jax.lax.platform_dependent(x, kernel, cpu=conv, default=patch_matmul)
     y = y + bias
     return jnp.reshape(y, (batch, length, self._n_modules * self._n_units))
 

@@ -191,7 +191,7 @@ def test_attention_matches_trax_eval_and_predict(index):
   np.testing.assert_allclose(decoded, got, **TOL)  # predict == eval
 
 
-def test_attention_predict_in_a_jitted_scan_equals_eval():
+def test_attention_predict_in_a_jitted_scan_equals_eval(predict_path):
   """The predict state keeps its structure, so decoding can be one lax.scan."""
   cfg = dict(d_feature=16, n_heads=2, sparsity=4, v_concat_type='fixed')
   x = _x((2, 4, 16))
