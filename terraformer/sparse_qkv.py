@@ -233,12 +233,12 @@ class LocallyConvDense(base.Layer):
       return jnp.einsum('btspi,pio->btso', patches,
                         jnp.reshape(kernel, (n_len * n_mod,) + kernel.shape[2:]))
 
-    if self._mode != 'predict' or PREDICT_AS_MATMUL is False:
+    if self._mode != 'predict':
       y = conv(x, kernel)
-    elif PREDICT_AS_MATMUL:
-      y = patch_matmul(x, kernel)
-    else:
+    elif PREDICT_AS_MATMUL is None:
       y = jax.lax.platform_dependent(x, kernel, cpu=conv, default=patch_matmul)
+    else:
+      y = (patch_matmul if PREDICT_AS_MATMUL else conv)(x, kernel)
     y = y + bias
     return jnp.reshape(y, (batch, length, self._n_modules * self._n_units))
 

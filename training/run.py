@@ -351,20 +351,18 @@ def train(run_dir, *, steps=1000, model=model_lib.DecoderLM, optimizer=None,
         if peak and flops_per_token:
           values['mfu'] = flops_per_token * values['tokens_per_s'] / peak
       writer.write('train', done, values)
-    paused = None  # throughput counts training time only: not evals or saves
-    if eval_every and done % eval_every == 0:
+    do_eval = eval_every and done % eval_every == 0
+    do_save = (checkpoint_every and done % checkpoint_every == 0) or done == steps
+    if do_eval or do_save:  # throughput counts training time, not this pause
       jax.block_until_ready(step_metrics)
       paused = time.time()
-      eval_loss = evaluate(done)
-    if (checkpoint_every and done % checkpoint_every == 0) or done == steps:
-      if paused is None:
-        jax.block_until_ready(step_metrics)
-        paused = time.time()
-      if pending:  # make sure the loss is finite before saving
-        loss = float(jax.device_get(pending[-1]['loss']))
-      path = save(done, loss)
-      say(f'checkpoint: {path}', flush=True)
-    if paused is not None:
+      if do_eval:
+        eval_loss = evaluate(done)
+      if do_save:
+        if pending:  # make sure the loss is finite before saving
+          loss = float(jax.device_get(pending[-1]['loss']))
+        path = save(done, loss)
+        say(f'checkpoint: {path}', flush=True)
       tick += time.time() - paused
   if eval_every and steps % eval_every and start < steps:
     eval_loss = evaluate(steps)
