@@ -64,3 +64,19 @@ def test_one_token_steps_across_cache_length_buckets_equal_eval():
     logits, state = step(ids[:, t:t + 1], state)
     got.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(got, 1), want[:, 120:], atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_decoding_loop_is_compiled_without_ynn_fusions():
+  """The decoding loop on a CPU compiles with CPU_DECODE_OPTIONS (this
+  jaxlib knows them), and its program holds no YNNPACK fusion, while the same
+  program compiled with XLA's defaults does (the multiply-and-sum attention)."""
+  assert jax.default_backend() == 'cpu'
+  assert sampling.decode_compiler_options() == sampling.CPU_DECODE_OPTIONS
+  sampler = sampling.Sampler(model_lib.DecoderLM(mode='predict', **CFG), batch_size=1)
+  args = (sampler._template, np.zeros((1, 2), np.int32), jax.random.PRNGKey(0),
+          4, 0.0, None)
+  ours = sampler._generate.lower(*args).compile().as_text()
+  default = jax.jit(sampler._generate_fn, static_argnums=(3, 4, 5)).lower(
+      *args).compile().as_text()
+  assert '%ynn_fusion' in default  # an instruction, not a frame name
+  assert '%ynn_fusion' not in ours
