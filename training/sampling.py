@@ -58,9 +58,9 @@ def max_length(layer):
 # YNNPACK library.  Inside the decoding loop each such call costs far more
 # than its arithmetic (measured: the one-query attention's multiply-and-sum
 # over a 16 x 128 x 64 cache slice took about 250 us as a YNN fusion, 60 us as
-# XLA's own loop; a 24-layer dense model at the 800M shape decoded in 92
-# instead of 143 ms per token on 2 cores), so the decoding loop is compiled
-# without them on a CPU.
+# XLA's own loop; a 24-layer dense model at the 800M shape decoded in 92-99
+# instead of 143 ms per token on 2 cores, in 31 instead of 33 ms on 16), so
+# the decoding loop is compiled without them on a CPU.
 CPU_DECODE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
