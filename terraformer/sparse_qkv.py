@@ -53,7 +53,8 @@ SPARSITY_TYPES = (None, 'None', 'mult', 'lowrank', 'einsum', 'local', 'local3')
 # convolution (tests run both).  Both compute the same sum; at the paper's
 # 800M shape (bench/decode_speed.py, BENCHMARKS.md) the matmul was faster on
 # an H100 (sparse QKV 1.44 against 1.92 ms/token) and slower on 16 CPU cores
-# (54 against about 28 ms/token); other accelerators were not measured.
+# (36 against 29 ms/token, both without YNN fusions; see training.sampling);
+# other accelerators were not measured.
 PREDICT_AS_MATMUL = None
 
 

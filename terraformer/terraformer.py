@@ -65,6 +65,7 @@ from trax.layers import base
 from terraformer import sparse_ff
 from terraformer import sparse_qkv
 from training import model as model_lib
+from training import sampling
 
 MODES = model_lib.MODES
 ATTENTION_TYPES = ('dense', 'sparse_qkv', 'lsh')
@@ -864,7 +865,8 @@ def greedy_decode(predict_model, weights, inputs, n_tokens, start_id=0):
   signature = (shapes.ShapeDtype(inputs.shape, jnp.int32),
                shapes.ShapeDtype((b, 1), jnp.int32))
   _, state = predict_model.init(signature)
-  step = jax.jit(predict_model.pure_fn)
+  step = jax.jit(predict_model.pure_fn,
+                 compiler_options=sampling.decode_compiler_options())
   rng = jax.random.PRNGKey(0)
   token = jnp.full((b, 1), start_id, jnp.int32)
   out = []
