@@ -59,6 +59,9 @@ flags.DEFINE_integer('batch', 1, 'sequences decoded together.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'weight dtype (ours).')
 flags.DEFINE_integer('bandwidth_mib', 1024, 'array size for the bandwidth test.')
 flags.DEFINE_string('out_json', None, 'also write the results here.')
+flags.DEFINE_enum('one_row_gemm', 'auto', ['auto', 'on', 'off'],
+                  'training.model.ONE_ROW_AS_GEMM: how Dense multiplies one '
+                  'row (auto: a two-row GEMM off the CPU).')
 
 SHAPES = {
     '800m': dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16,
@@ -208,6 +211,8 @@ def main(argv):
     if v not in VARIANTS:
       raise app.UsageError(f'unknown variant {v!r}; known: {sorted(VARIANTS)}')
   dtype = None if FLAGS.dtype == 'float32' else jnp.bfloat16
+  from training import model as model_lib  # pylint: disable=g-import-not-at-top
+  model_lib.ONE_ROW_AS_GEMM = {'auto': None, 'on': True, 'off': False}[FLAGS.one_row_gemm]
   device = jax.devices()[0]
   bw, copy_bw, matvec_bw = memory_bandwidth(FLAGS.bandwidth_mib)
   print(f'device: {device.platform} {device.device_kind}, {os.cpu_count()} CPUs; '

@@ -108,3 +108,35 @@ def test_output_shape_and_modes():
     _lm('decode')
   with pytest.raises(ValueError, match='multiple of n_heads'):
     _lm('eval', d_model=30, n_heads=4)
+
+
+@pytest.mark.parametrize('shape', [(1, 1, 24), (24,), (1, 24)])
+def test_one_row_dot_as_gemm_equals_dot(shape, monkeypatch):
+  """one_row_dot(x, W) = x W for a single row, in the two-row GEMM form too."""
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  w = jax.random.normal(jax.random.PRNGKey(2), (24, 40))
+  want = np.einsum('...i,io->...o', np.asarray(x, np.float64), np.asarray(w, np.float64))
+  monkeypatch.setattr(model_lib, 'ONE_ROW_AS_GEMM', True)
+  got = jax.jit(model_lib.one_row_dot)(x, w)
+  assert got.shape == shape[:-1] + (40,)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  dots = jax.jit(model_lib.one_row_dot).lower(x, w).as_text().count('dot_general')
+  assert dots == 1
+  two_rows = jax.make_jaxpr(model_lib.one_row_dot)(x, w)
+  assert any(e.primitive.name == 'dot_general' and e.invars[0].aval.shape[0] == 2
+             for e in two_rows.eqns)
+
+
+def test_dense_predict_one_row_gemm_equals_eval(monkeypatch):
+  """Decoding with FeedForward's Dense as a two-row GEMM gives eval's logits."""
+  monkeypatch.setattr(model_lib, 'ONE_ROW_AS_GEMM', True)
+  ids = jax.random.randint(jax.random.PRNGKey(5), (1, 6), 0, 50)
+  eval_model = _init(_lm('eval'), ids.shape)
+  want = eval_model(ids)
+  predict = _init(_lm('predict'), (1, 1))
+  weights, state = eval_model.weights, predict.state
+  outs = []
+  for t in range(6):
+    logits, state = predict.pure_fn(ids[:, t:t + 1], weights, state, RNG)
+    outs.append(logits)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), want, atol=1e-5)
