@@ -65,14 +65,9 @@ def device_events(trace_dir):
 
 def main(argv):
   del argv
-  from terraformer import models  # pylint: disable=g-import-not-at-top
-  from training import model as model_lib  # pylint: disable=g-import-not-at-top
-  from training import sampling  # pylint: disable=g-import-not-at-top
-  model_lib.ONE_ROW_AS_GEMM = {'auto': None, 'on': True, 'off': False}[FLAGS.one_row_gemm]
-  kwargs = decode_speed.model_kwargs(FLAGS.shape, FLAGS.variant)
-  model = models.TerraformerLM(mode='predict', max_len=FLAGS.max_len, **kwargs)
-  sampler = sampling.Sampler(model, batch_size=FLAGS.batch)
-  weights = jax.device_put(model.weights)
+  decode_speed.set_one_row_gemm()
+  _, sampler, weights = decode_speed.build_ours(
+      decode_speed.model_kwargs(FLAGS.shape, FLAGS.variant))
   prompt = np.zeros((FLAGS.batch, 1), np.int32)
   n = FLAGS.warmup + FLAGS.tokens
   sampler.generate(weights, prompt, n, temperature=0.0)  # compile

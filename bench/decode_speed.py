@@ -148,14 +148,26 @@ def bytes_per_token(model):
   return weights_bytes(model), cache_bytes(model)
 
 
-def time_ours(kwargs, dtype):
+def set_one_row_gemm():
+  """Applies --one_row_gemm to training.model.ONE_ROW_AS_GEMM."""
+  from training import model as model_lib  # pylint: disable=g-import-not-at-top
+  model_lib.ONE_ROW_AS_GEMM = {'auto': None, 'on': True, 'off': False}[FLAGS.one_row_gemm]
+
+
+def build_ours(kwargs, dtype=None):
+  """(predict-mode TerraformerLM, its Sampler, its weights on the device)."""
   from terraformer import models  # pylint: disable=g-import-not-at-top
   from training import sampling  # pylint: disable=g-import-not-at-top
   from training import trainer  # pylint: disable=g-import-not-at-top
   model = models.TerraformerLM(mode='predict', max_len=FLAGS.max_len, **kwargs)
   sampler = sampling.Sampler(model, batch_size=FLAGS.batch, compute_dtype=dtype)
-  weights = trainer.cast_floats(model.weights, dtype)
-  weights = jax.device_put(weights)
+  weights = jax.device_put(trainer.cast_floats(model.weights, dtype))
+  return model, sampler, weights
+
+
+def time_ours(kwargs, dtype):
+  from training import trainer  # pylint: disable=g-import-not-at-top
+  model, sampler, weights = build_ours(kwargs, dtype)
   params = trainer.count_params(model.weights)
   w_bytes, c_bytes = bytes_per_token(model)
   prompt = np.zeros((FLAGS.batch, 1), np.int32)
@@ -211,8 +223,7 @@ def main(argv):
     if v not in VARIANTS:
       raise app.UsageError(f'unknown variant {v!r}; known: {sorted(VARIANTS)}')
   dtype = None if FLAGS.dtype == 'float32' else jnp.bfloat16
-  from training import model as model_lib  # pylint: disable=g-import-not-at-top
-  model_lib.ONE_ROW_AS_GEMM = {'auto': None, 'on': True, 'off': False}[FLAGS.one_row_gemm]
+  set_one_row_gemm()
   device = jax.devices()[0]
   bw, copy_bw, matvec_bw = memory_bandwidth(FLAGS.bandwidth_mib)
   print(f'device: {device.platform} {device.device_kind}, {os.cpu_count()} CPUs; '

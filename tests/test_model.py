@@ -76,15 +76,19 @@ def test_embedding_matches_trax(vocab):
 
 def test_predict_mode_equals_eval_mode():
   """Token-by-token decoding (after a 3-token prefill) gives eval mode's logits."""
-  ids = jax.random.randint(jax.random.PRNGKey(4), (2, 12), 0, 50)
+  _assert_decoding_equals_eval(jax.random.randint(jax.random.PRNGKey(4), (2, 12), 0, 50),
+                               prefill=3)
+
+
+def _assert_decoding_equals_eval(ids, prefill):
+  """Predict mode on ids[:, :prefill], then one id at a time == eval's logits."""
   eval_model = _init(_lm('eval'), ids.shape)
   want = eval_model(ids)
-  predict = _init(_lm('predict'), (2, 1))
+  predict = _init(_lm('predict'), (ids.shape[0], 1))
   weights, state = eval_model.weights, predict.state
-  outs = []
-  logits, state = predict.pure_fn(ids[:, :3], weights, state, RNG)
-  outs.append(logits)
-  for t in range(3, 12):
+  logits, state = predict.pure_fn(ids[:, :prefill], weights, state, RNG)
+  outs = [logits]
+  for t in range(prefill, ids.shape[1]):
     logits, state = predict.pure_fn(ids[:, t:t + 1], weights, state, RNG)
     outs.append(logits)
   np.testing.assert_allclose(np.concatenate(outs, axis=1), want, atol=1e-5)
@@ -130,13 +134,5 @@ def test_one_row_dot_as_gemm_equals_dot(shape, monkeypatch):
 def test_dense_predict_one_row_gemm_equals_eval(monkeypatch):
   """Decoding with FeedForward's Dense as a two-row GEMM gives eval's logits."""
   monkeypatch.setattr(model_lib, 'ONE_ROW_AS_GEMM', True)
-  ids = jax.random.randint(jax.random.PRNGKey(5), (1, 6), 0, 50)
-  eval_model = _init(_lm('eval'), ids.shape)
-  want = eval_model(ids)
-  predict = _init(_lm('predict'), (1, 1))
-  weights, state = eval_model.weights, predict.state
-  outs = []
-  for t in range(6):
-    logits, state = predict.pure_fn(ids[:, t:t + 1], weights, state, RNG)
-    outs.append(logits)
-  np.testing.assert_allclose(np.concatenate(outs, axis=1), want, atol=1e-5)
+  _assert_decoding_equals_eval(jax.random.randint(jax.random.PRNGKey(5), (1, 6), 0, 50),
+                               prefill=1)
