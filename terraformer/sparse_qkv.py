@@ -36,6 +36,7 @@ import jax
 from jax import numpy as jnp
 from trax import fastmath
 from trax import layers as tl
+from trax import shapes
 from trax.layers import base
 from trax.layers import initializers as init
 
@@ -146,6 +147,49 @@ class FactoredDense(base.Layer):
     self.weights = tuple(w.astype(dtype) for w in weights)
 
 
+def _convolve(window, kernel, bias, n_modules, kernel_shape, predict):
+  """LocallyConvDense's sum over a window that already holds the past.
+
+  window: (batch, n_past + length, d_in), its first n_past =
+  kernel_shape[0] - 1 positions being the remembered (or zero) past;
+  kernel: [kernel_shape..., d_in / n_modules, n_units], bias [n_units].
+  Returns (batch, length, n_modules * n_units).  predict: compute the sum
+  the way 'predict' mode does (see PREDICT_AS_MATMUL).
+  """
+  n_len, n_mod = kernel_shape
+  batch, width, d_in = window.shape
+  length = width - (n_len - 1)
+  x = jnp.reshape(window, (batch, width, n_modules, d_in // n_modules))
+  half = (n_mod - 1) // 2
+  if half:
+    x = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
+  dtype = jnp.result_type(x, kernel)  # like einsum's promotion
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+
+  def conv(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding='VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def patch_matmul(x, kernel):
+    # The same sum as `conv`, as one matmul over the (length_kernel_size x
+    # kernel_size) patches: at a token or a few, a GPU runs this as one
+    # small fused kernel where a cuDNN convolution call costs more.
+    patches = jnp.stack([x[:, a:a + length, c:c + n_modules]
+                         for a in range(n_len) for c in range(n_mod)], axis=3)
+    return jnp.einsum('btspi,pio->btso', patches,
+                      jnp.reshape(kernel, (n_len * n_mod,) + kernel.shape[2:]))
+
+  if not predict:
+    y = conv(x, kernel)
+  elif PREDICT_AS_MATMUL is None:
+    y = jax.lax.platform_dependent(x, kernel, cpu=conv, default=patch_matmul)
+  else:
+    y = (patch_matmul if PREDICT_AS_MATMUL else conv)(x, kernel)
+  y = y + bias
+  return jnp.reshape(y, (batch, length, -1))
+
+
 class LocallyConvDense(base.Layer):
   """A causal convolution over (length, module): a cheap Dense replacement.
 
@@ -201,9 +245,12 @@ class LocallyConvDense(base.Layer):
     """How many past positions the layer sees: length_kernel_size - 1."""
     return self._kernel_shape[0] - 1
 
+  @property
+  def kernel_shape(self):
+    """(length_kernel_size, kernel_size) as used: (1, 1) with one module."""
+    return self._kernel_shape
+
   def forward(self, x):
-    kernel, bias = self.weights
-    batch, length, d_in = x.shape
     n_past = self.n_remembered
     if n_past:
       if self._mode == 'predict':
@@ -211,37 +258,9 @@ class LocallyConvDense(base.Layer):
         self.state = x[:, -n_past:].astype(self.state.dtype)
       else:
         x = jnp.pad(x, ((0, 0), (n_past, 0), (0, 0)))
-    x = jnp.reshape(x, (batch, length + n_past, self._n_modules,
-                        d_in // self._n_modules))
-    half = (self._kernel_shape[1] - 1) // 2
-    if half:
-      x = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
-    dtype = jnp.result_type(x, kernel)  # like einsum's promotion
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-
-    def conv(x, kernel):
-      return jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(1, 1), padding='VALID',
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-    def patch_matmul(x, kernel):
-      # The same sum as `conv`, as one matmul over the (length_kernel_size x
-      # kernel_size) patches: at a token or a few, a GPU runs this as one
-      # small fused kernel where a cuDNN convolution call costs more.
-      n_len, n_mod = self._kernel_shape
-      patches = jnp.stack([x[:, a:a + length, c:c + self._n_modules]
-                           for a in range(n_len) for c in range(n_mod)], axis=3)
-      return jnp.einsum('btspi,pio->btso', patches,
-                        jnp.reshape(kernel, (n_len * n_mod,) + kernel.shape[2:]))
-
-    if self._mode != 'predict':
-      y = conv(x, kernel)
-    elif PREDICT_AS_MATMUL is None:
-      y = jax.lax.platform_dependent(x, kernel, cpu=conv, default=patch_matmul)
-    else:
-      y = (patch_matmul if PREDICT_AS_MATMUL else conv)(x, kernel)
-    y = y + bias
-    return jnp.reshape(y, (batch, length, self._n_modules * self._n_units))
+    kernel, bias = self.weights
+    return _convolve(x, kernel, bias, self._n_modules, self._kernel_shape,
+                     self._mode == 'predict')
 
   def init_weights_and_state(self, input_signature):
     if len(input_signature.shape) != 3:
@@ -268,23 +287,153 @@ class LocallyConvDense(base.Layer):
                              input_signature.dtype)
 
 
-def _ConcatForV(v_concat_type, sparsity):
-  """(m, x) -> the input of the V convolution.
+def _v_input(v_concat_type, sparsity, m, x):
+  """The input of the V convolution, from m and x (batch, length, d).
 
   'none': m, (batch, length, d).  'original': [m, x] on the last axis,
   (batch, length, 2d).  'fixed': per module, [m_s, x_s], (batch, length, 2d),
   so module s of the V conv sees both halves of its own slice.
   """
   if v_concat_type == 'none':
-    return tl.Select([0], n_in=2)
+    return m
   if v_concat_type == 'original':
-    return tl.Concatenate(n_items=2)
+    return jnp.concatenate([m, x], axis=-1)
+  split = lambda a: jnp.reshape(a, a.shape[:-1] + (sparsity, -1))
+  both = jnp.concatenate([split(m), split(x)], axis=-1)
+  return jnp.reshape(both, both.shape[:-2] + (-1,))
 
-  def concat_per_module(m, x):
-    split = lambda a: jnp.reshape(a, a.shape[:-1] + (sparsity, -1))
-    both = jnp.concatenate([split(m), split(x)], axis=-1)
-    return jnp.reshape(both, both.shape[:-2] + (-1,))
-  return tl.Fn('ConcatPerModule', concat_per_module)
+
+class _History(base.Layer):
+  """No weights and no computation: holds `ConvQKV`'s predict-mode state.
+
+  The state is the last n_past positions of the convolutions' inputs,
+  (batch, n_past, width); `ConvQKV` reads and writes it.  Outside 'predict'
+  mode, or with n_past 0, there is no state.
+  """
+
+  def __init__(self, n_past, predict):
+    super().__init__(n_in=0, n_out=0, name='ConvHistory')
+    self._n_past = n_past if predict else 0
+
+  @property
+  def n_past(self):
+    return self._n_past
+
+  def init_weights_and_state(self, input_signature):
+    if self._n_past:
+      batch, _, width = input_signature.shape
+      self.state = jnp.zeros((batch, self._n_past, width),
+                             input_signature.dtype)
+
+
+class ConvQKV(base.Layer):
+  """(m, x) -> (q, k, v): the Q, K and V convolutions of sparse attention.
+
+  q = LocallyConvDense_3(m), k = LocallyConvDense_3(m) (k = q if share_qk),
+  v = LocallyConvDense_1(v_input(m, x)), each (batch, length, d_feature).
+  The sublayers are the Q conv, the K conv (absent if share_qk), the V conv
+  and a weightless `_History`, so the weights are those of the three convs
+  in that order, as in trax's layer.
+
+  In 'predict' mode the convolutions, which all read the same positions,
+  share one remembered history (of m, or of [m, x] when V also reads x)
+  instead of keeping three copies, and the convolutions over the same input
+  (Q and K; V too when v_concat_type is 'none') run as one convolution with
+  their kernels side by side (V's narrower kernel padded with zeros over
+  the module axis): per token one state update and one small matmul instead
+  of three of each.  The sums are the same as the separate layers'.
+  """
+
+  def __init__(self, sparsity, d_module, length_kernel_size, share_qk,
+               v_concat_type, mode):
+    super().__init__(n_in=2, n_out=3, name='ConvQKV')
+    # The sublayers remember nothing themselves: their mode only picks how
+    # the sum is computed, which `forward` decides here.
+    conv_mode = 'eval' if mode == 'predict' else mode
+
+    def conv(kernel_size):
+      return LocallyConvDense(sparsity, d_module, conv_mode,
+                              kernel_size=kernel_size,
+                              length_kernel_size=length_kernel_size)
+
+    self._convs = [conv(3)] if share_qk else [conv(3), conv(3)]
+    self._convs.append(conv(1))
+    self._history = _History(self._convs[0].n_remembered, mode == 'predict')
+    self._sublayers = tuple(self._convs) + (self._history,)
+    self._share_qk = share_qk
+    self._v_concat_type = v_concat_type
+    self._sparsity = sparsity
+    self._predict = mode == 'predict'
+
+  def forward(self, inputs):
+    m, x = inputs
+    v_input = lambda m, x: _v_input(self._v_concat_type, self._sparsity, m, x)
+    if self._predict:
+      outputs = self._predict_forward(m, x, v_input)
+    else:
+      outputs = [c.forward(m) for c in self._convs[:-1]]
+      outputs.append(self._convs[-1].forward(v_input(m, x)))
+    if self._share_qk:
+      outputs.insert(1, outputs[0])
+    return tuple(outputs)
+
+  def _predict_forward(self, m, x, v_input):
+    d = m.shape[-1]
+    window = m if self._v_concat_type == 'none' else jnp.concatenate(
+        [m, x], axis=-1)
+    n_past = self._history.n_past
+    if n_past:
+      window = jnp.concatenate(
+          [self._history.state.astype(window.dtype), window], axis=1)
+      self._history.state = window[:, -n_past:].astype(
+          self._history.state.dtype)
+    if self._v_concat_type == 'none':
+      return _convolve_together(self._convs, window)
+    qk = _convolve_together(self._convs[:-1], window[..., :d])
+    v = _convolve_together(self._convs[-1:],
+                           v_input(window[..., :d], window[..., d:]))
+    return qk + v
+
+  def init_weights_and_state(self, input_signature):
+    m, x = input_signature
+    v_width = m.shape[-1] + (0 if self._v_concat_type == 'none'
+                             else x.shape[-1])
+    v = shapes.ShapeDtype(m.shape[:-1] + (v_width,), m.dtype)
+    history = v if self._v_concat_type != 'none' else m
+    signatures = [m] * (len(self._convs) - 1) + [v, history]
+    weights, states = zip(*[layer.init(signature, use_cache=True)
+                            for layer, signature
+                            in zip(self.sublayers, signatures)])
+    self.weights, self.state = tuple(weights), tuple(states)
+
+
+def _convolve_together(convs, window):
+  """[conv(window) for conv in convs] in 'predict' mode, as one convolution.
+
+  The convs share n_modules and length_kernel_size; their kernels are
+  padded with zeros to the widest kernel_size and put side by side on the
+  output axis (zero taps add nothing, so each output is unchanged).
+  """
+  width = max(c.kernel_shape[1] for c in convs)
+  kernels, biases, n_units = [], [], []
+  for c in convs:
+    kernel, bias = c.weights
+    pad = (width - kernel.shape[1]) // 2
+    kernels.append(jnp.pad(kernel, ((0, 0), (pad, pad), (0, 0), (0, 0))))
+    biases.append(bias)
+    n_units.append(kernel.shape[-1])
+  n_modules = convs[0].n_modules
+  y = _convolve(window, jnp.concatenate(kernels, axis=-1),
+                jnp.concatenate(biases), n_modules,
+                (convs[0].kernel_shape[0], width), predict=True)
+  y = jnp.reshape(y, y.shape[:-1] + (n_modules, -1))
+  outputs = []
+  start = 0
+  for n in n_units:
+    part = y[..., start:start + n]
+    outputs.append(jnp.reshape(part, part.shape[:-2] + (-1,)))
+    start += n
+  return outputs
 
 
 def MultiplicativeConvCausalAttention(
@@ -337,29 +486,20 @@ def MultiplicativeConvCausalAttention(
   dropout = 0.0 if force_no_dropout else dropout
   d_module = d_feature // sparsity
 
-  def conv(kernel_size):
-    return LocallyConvDense(sparsity, d_module, mode, kernel_size=kernel_size,
-                            length_kernel_size=length_kernel_size)
-
-  def qk_branch():  # m -> q (or k) split into heads
-    return [conv(3), tl.SplitIntoHeads(n_heads)]
-
-  v_branch = [_ConcatForV(v_concat_type, sparsity), conv(1),  # m, x -> v
-              tl.SplitIntoHeads(n_heads)]
-  if share_qk:
-    qkv = [tl.Branch(qk_branch(), v_branch), tl.Select([0, 0, 1])]
-  else:
-    qkv = tl.Branch(qk_branch(), qk_branch(), v_branch)
-
   output_layers = []
   if 'mult' in output_layer_type:
     output_layers.append(FactoredDense(sparsity, d_feature, d_feature))
   if 'conv' in output_layer_type:
-    output_layers.append(conv(3))
+    output_layers.append(LocallyConvDense(
+        sparsity, d_module, mode, kernel_size=3,
+        length_kernel_size=length_kernel_size))
 
+  split = lambda: tl.SplitIntoHeads(n_heads)
   return tl.Serial(
       tl.Branch(FactoredDense(sparsity, d_feature, d_feature), None),  # m, x
-      qkv,                                                             # q, k, v
+      ConvQKV(sparsity, d_module, length_kernel_size, share_qk,
+              v_concat_type, mode),                                    # q, k, v
+      tl.Parallel(split(), split(), split()),
       DotProductCausalAttention(
           dropout=dropout, max_inference_length=max_inference_length,
           mode=mode),

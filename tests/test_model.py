@@ -63,6 +63,28 @@ def test_layer_norm_matches_trax_and_keeps_dtype():
   assert y.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize('offset,spread', [(0.0, 1.0), (100.0, 1.0),
+                                           (-3.0, 1e-2), (0.0, 300.0)])
+def test_layer_norm_one_position_matches_the_equation(offset, spread):
+  """The one-pass moments of a decoding step (one position), in float64 terms.
+
+  Rows of width 1024 with a mean large against their spread, where a plain
+  E[x^2] - E[x]^2 in float32 loses about 1e-3 at offset 100; compared with
+  the float64 LayerNorm (trax's two-pass float32 form is itself 5e-5 off at
+  spread 1e-2, so the reference is the equation, not trax).
+  """
+  x = jax.random.normal(jax.random.PRNGKey(4), (3, 1, 1024)) * spread + offset
+  scale = jax.random.normal(jax.random.PRNGKey(5), (1024,)) + 1.0
+  bias = jax.random.normal(jax.random.PRNGKey(6), (1024,))
+  ours = model_lib.LayerNorm()
+  got = jax.jit(lambda x: ours.pure_fn(x, (scale, bias), (), RNG)[0])(x)
+  x64 = np.asarray(x, np.float64)
+  norm = ((x64 - x64.mean(-1, keepdims=True))
+          / np.sqrt(x64.var(-1, keepdims=True) + 1e-6))
+  want = norm * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
+  np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('vocab', [50, model_lib.ONE_HOT_MAX_VOCAB + 1])
 def test_embedding_matches_trax(vocab):
   """One-hot (small vocab) and gather (large vocab) both equal tl.Embedding."""

@@ -191,9 +191,15 @@ def test_attention_matches_trax_eval_and_predict(index):
   np.testing.assert_allclose(decoded, got, **TOL)  # predict == eval
 
 
-def test_attention_predict_in_a_jitted_scan_equals_eval(predict_path):
-  """The predict state keeps its structure, so decoding can be one lax.scan."""
-  cfg = dict(d_feature=16, n_heads=2, sparsity=4, v_concat_type='fixed')
+@pytest.mark.parametrize('v_concat_type', ['none', 'fixed'])
+def test_attention_predict_in_a_jitted_scan_equals_eval(predict_path,
+                                                        v_concat_type):
+  """The predict state keeps its structure, so decoding can be one lax.scan.
+
+  'none': Q, K and V run as one convolution in predict mode; 'fixed': Q and
+  K do, V apart; either way one remembered history, not one per conv.
+  """
+  cfg = dict(d_feature=16, n_heads=2, sparsity=4, v_concat_type=v_concat_type)
   x = _x((2, 4, 16))
   model = _init(sq.MultiplicativeConvCausalAttention(mode='eval', **cfg), x.shape)
   pred = _init(sq.MultiplicativeConvCausalAttention(
@@ -206,6 +212,11 @@ def test_attention_predict_in_a_jitted_scan_equals_eval(predict_path):
   _, ys = jax.jit(lambda s, xs: jax.lax.scan(step, s, xs))(
       pred.state, jnp.swapaxes(x, 0, 1))
   np.testing.assert_allclose(jnp.swapaxes(ys, 0, 1), model(x), **TOL)
+  # The state: one (batch, 2, width) history of the convs' inputs plus the
+  # key/value caches (2, 4, 8) each and their index.
+  width = 16 if v_concat_type == 'none' else 32
+  shapes = sorted(np.shape(a) for a in jax.tree_util.tree_leaves(pred.state))
+  assert shapes == sorted([(), (2, 2, width), (4, 4, 8), (4, 4, 8)])
 
 
 @pytest.mark.parametrize('make', [

@@ -128,8 +128,10 @@ def test_all_sparse_layers_train_on_the_copy_task_and_controller_learns():
   m1_grads = [x for x in leaves if x.shape == m1_shape]
   assert m1_grads and all(float(jnp.abs(x).max()) > 0 for x in m1_grads)
 
+  # 250 steps: at 150 the loss at initialisation seeds 0-2 ranged 0.8-2.2
+  # (of 2.5 at the start), too close to the bound; by 250 it is 0.01-0.9.
   key, losses = jax.random.PRNGKey(0), []
-  for i in range(150):
+  for i in range(250):
     state, metrics = step(state, i, batch(), key, np.float32(0))
     losses.append(float(metrics['loss']))
   assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), losses[::15]

@@ -41,8 +41,22 @@ class LayerNorm(tl.LayerNorm):
   def forward(self, x):
     scale, bias = self.weights
     x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    if x.ndim >= 2 and x.shape[-2] == 1:
+      # One position per sequence (a decoding step): both moments in one
+      # pass, E[u] and E[u^2] of u = x - x[0] (sums over the same row, which
+      # XLA computes in one kernel on a GPU, against two dependent ones for
+      # the form below).  Shifting by the row's first element keeps the
+      # difference of moments from cancelling when the mean is large against
+      # the spread; tests/test_model.py checks it against trax's LayerNorm.
+      shift = x32[..., :1]
+      u = x32 - shift
+      m1 = jnp.mean(u, axis=-1, keepdims=True)
+      var = jnp.maximum(
+          jnp.mean(jnp.square(u), axis=-1, keepdims=True) - jnp.square(m1), 0.0)
+      mean = shift + m1
+    else:
+      mean = jnp.mean(x32, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self._epsilon)
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
