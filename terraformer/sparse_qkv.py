@@ -306,9 +306,13 @@ def _v_input(v_concat_type, sparsity, m, x):
 class _History(base.Layer):
   """No weights and no computation: holds `ConvQKV`'s predict-mode state.
 
-  The state is the last n_past positions of the convolutions' inputs,
-  (batch, n_past, width); `ConvQKV` reads and writes it.  Outside 'predict'
-  mode, or with n_past 0, there is no state.
+  The state is (ring, count): the last n_past positions of the
+  convolutions' inputs in a ring buffer (batch, n_past, width), position p
+  at slot p % n_past, and count, the number of positions seen.  A one-token
+  step overwrites the oldest slot in place, so a GPU updates the decoding
+  loop's buffer without copying it (a shifted copy of the window costs one
+  kernel and one device-to-device copy per layer and token).  Outside
+  'predict' mode, or with n_past 0, there is no state.
   """
 
   def __init__(self, n_past, predict):
@@ -319,11 +323,28 @@ class _History(base.Layer):
   def n_past(self):
     return self._n_past
 
+  def extend(self, new):
+    """[the remembered n_past positions, new] along axis 1; remembers the last."""
+    ring, count = self.state
+    n = self._n_past
+    past = jnp.roll(ring, -(count % n), axis=1).astype(new.dtype)
+    window = jnp.concatenate([past, new], axis=1)
+    length = new.shape[1]
+    if length == 1:
+      ring = jax.lax.dynamic_update_slice_in_dim(
+          ring, new.astype(ring.dtype), count % n, axis=1)
+    else:
+      ring = jnp.roll(window[:, -n:], (count + length) % n,
+                      axis=1).astype(ring.dtype)
+    self.state = (ring, count + length)
+    return window
+
   def init_weights_and_state(self, input_signature):
     if self._n_past:
       batch, _, width = input_signature.shape
-      self.state = jnp.zeros((batch, self._n_past, width),
-                             input_signature.dtype)
+      self.state = (jnp.zeros((batch, self._n_past, width),
+                              input_signature.dtype),
+                    jnp.zeros((), jnp.int32))
 
 
 class ConvQKV(base.Layer):
@@ -381,12 +402,8 @@ class ConvQKV(base.Layer):
     d = m.shape[-1]
     window = m if self._v_concat_type == 'none' else jnp.concatenate(
         [m, x], axis=-1)
-    n_past = self._history.n_past
-    if n_past:
-      window = jnp.concatenate(
-          [self._history.state.astype(window.dtype), window], axis=1)
-      self._history.state = window[:, -n_past:].astype(
-          self._history.state.dtype)
+    if self._history.n_past:
+      window = self._history.extend(window)
     if self._v_concat_type == 'none':
       return _convolve_together(self._convs, window)
     qk = _convolve_together(self._convs[:-1], window[..., :d])

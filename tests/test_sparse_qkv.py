@@ -212,11 +212,31 @@ def test_attention_predict_in_a_jitted_scan_equals_eval(predict_path,
   _, ys = jax.jit(lambda s, xs: jax.lax.scan(step, s, xs))(
       pred.state, jnp.swapaxes(x, 0, 1))
   np.testing.assert_allclose(jnp.swapaxes(ys, 0, 1), model(x), **TOL)
-  # The state: one (batch, 2, width) history of the convs' inputs plus the
-  # key/value caches (2, 4, 8) each and their index.
+  # The state: one (batch, 2, width) history of the convs' inputs and its
+  # count, plus the key/value caches (2, 4, 8) each and their index.
   width = 16 if v_concat_type == 'none' else 32
   shapes = sorted(np.shape(a) for a in jax.tree_util.tree_leaves(pred.state))
-  assert shapes == sorted([(), (2, 2, width), (4, 4, 8), (4, 4, 8)])
+  assert shapes == sorted([(), (), (2, 2, width), (4, 4, 8), (4, 4, 8)])
+
+
+@pytest.mark.parametrize('length_kernel_size', [2, 3, 4])
+def test_attention_predict_in_chunks_of_any_length_equals_eval(
+    length_kernel_size):
+  """Calls of 1, 3, 1, 2 and 1 positions (a prefill mid-way, chunks longer
+  and shorter than the remembered past) continue the sequence exactly: the
+  remembered history is a ring whose slots then wrap at every offset."""
+  cfg = dict(d_feature=16, n_heads=2, sparsity=4,
+             length_kernel_size=length_kernel_size)
+  x = _x((2, 8, 16), seed=length_kernel_size)
+  model = _init(sq.MultiplicativeConvCausalAttention(mode='eval', **cfg),
+                x.shape)
+  pred = _init(sq.MultiplicativeConvCausalAttention(
+      mode='predict', max_inference_length=8, **cfg), (2, 1, 16))
+  pred.weights = model.weights
+  bounds = [0, 1, 4, 5, 7, 8]
+  got = np.concatenate([pred(x[:, a:b]) for a, b in zip(bounds, bounds[1:])],
+                       axis=1)
+  np.testing.assert_allclose(got, model(x), **TOL)
 
 
 @pytest.mark.parametrize('make', [
