@@ -56,6 +56,7 @@ def layers(d, h, max_len, vocab):
 
 def time_layer(layer, d, dtype):
   from trax import shapes  # pylint: disable=g-import-not-at-top
+  from training import sampling  # pylint: disable=g-import-not-at-top
   from training.trainer import cast_floats  # pylint: disable=g-import-not-at-top
   layer.init(shapes.ShapeDtype((1, 1, d), np.float32))
   weights = cast_floats(layer.weights, dtype)
@@ -63,7 +64,6 @@ def time_layer(layer, d, dtype):
   x0 = jnp.ones((1, 1, d), dtype or jnp.float32)
   rng = jax.random.PRNGKey(0)
 
-  @jax.jit
   def run(weights, state, x):
     def one(carry, _):
       x, state = carry
@@ -71,6 +71,9 @@ def time_layer(layer, d, dtype):
       return (x + 1e-6 * y[..., :1].astype(x.dtype), state), None
     (x, state), _ = jax.lax.scan(one, (x, state), None, length=FLAGS.steps)
     return x
+  # Compiled with the Sampler's decoding options (on a CPU, without XLA's
+  # YNNPACK fusions), so each layer runs as it does inside a decoded token.
+  run = jax.jit(run, compiler_options=sampling.decode_compiler_options())
   jax.block_until_ready(run(weights, state, x0))
   best = float('inf')
   for _ in range(5):

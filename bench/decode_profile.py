@@ -84,7 +84,10 @@ def main(argv):
     sampler.generate(weights, prompt, n, temperature=0.0)
   events, tracks = device_events(trace_dir)
   if not events:
-    raise RuntimeError(f'no device events in the trace (tracks: {tracks})')
+    raise RuntimeError(
+        f'no device events in the trace (tracks: {tracks}); this tool reads '
+        f'accelerator kernels, and a CPU backend ({jax.default_backend()} '
+        f'here) records none: use bench/decode_layers.py on a CPU.')
   span = events[-1][1] + events[-1][2] - events[0][1]
   busy = sum(d for _, _, d in events)
   per = n  # the loop runs one model step per token (the prompt's included)
