@@ -62,6 +62,9 @@ flags.DEFINE_string('out_json', None, 'also write the results here.')
 flags.DEFINE_enum('one_row_gemm', 'auto', ['auto', 'on', 'off'],
                   'training.model.ONE_ROW_AS_GEMM: how Dense multiplies one '
                   'row (auto: a two-row GEMM off the CPU).')
+flags.DEFINE_string('one_row_gpu', '',
+                    'Overrides of training.model.ONE_ROW_GPU_FORMS, e.g. '
+                    '"ff=gemv,attention=gemv,head=gemv" (forms: dot, gemm, gemv).')
 
 SHAPES = {
     '800m': dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16,
@@ -152,6 +155,12 @@ def set_one_row_gemm():
   """Applies --one_row_gemm to training.model.ONE_ROW_AS_GEMM."""
   from training import model as model_lib  # pylint: disable=g-import-not-at-top
   model_lib.ONE_ROW_AS_GEMM = {'auto': None, 'on': True, 'off': False}[FLAGS.one_row_gemm]
+  for item in filter(None, FLAGS.one_row_gpu.split(',')):
+    role, form = item.split('=')
+    if role not in model_lib.ONE_ROW_GPU_FORMS or form not in ('dot', 'gemm', 'gemv'):
+      raise ValueError(f'--one_row_gpu: {item!r}: roles '
+                       f'{sorted(model_lib.ONE_ROW_GPU_FORMS)}, forms dot, gemm, gemv')
+    model_lib.ONE_ROW_GPU_FORMS[role] = form
 
 
 def build_ours(kwargs, dtype=None):

@@ -634,7 +634,8 @@ def SparseDenseWithOptions(n_units, d_input=None, sparsity_type=None,
     return tl.Cond(use_sparse, sparse, dense)
 
   if sparsity_type in (None, 'None') or sparsity == 0:
-    return tl.Dense(n_units, use_bias=use_bias, use_bfloat16=use_bfloat16)
+    return model_lib.Dense(n_units, role='head', use_bias=use_bias,
+                           use_bfloat16=use_bfloat16)
   _check_positive_int('sparsity', sparsity)
   if sparsity_type == 'mult':
     return FactoredDense(sparsity, d_input, n_units, use_bias=use_bias,

@@ -28,6 +28,8 @@ from jax import numpy as jnp
 from trax import layers as tl
 from trax.layers import base
 
+from training import gemv as gemv_lib
+
 MODES = ('train', 'eval', 'predict')
 
 
@@ -61,14 +63,24 @@ class LayerNorm(tl.LayerNorm):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-# How `Dense` multiplies a single row (one decoded token) on a GPU: None, as
-# a matrix product of two copies of the row (a GEMM) off the CPU and a plain
-# dot on it; True / False force the two-row / plain form everywhere.
+# How `Dense` multiplies a single row (one decoded token) off the CPU, by the
+# layer's role: 'dot' (XLA's own form, a multiply-and-reduce fusion), 'gemm'
+# (two copies of the row: a GEMM) or 'gemv' (`training.gemv`'s Pallas kernel;
+# 'gemm' where its tiling does not fit the matrix).  A CPU always runs a plain
+# dot.  ONE_ROW_AS_GEMM True / False forces the two-row / plain form
+# everywhere, the CPU included.
+ONE_ROW_GPU_FORMS = {'ff': 'gemm', 'attention': 'dot', 'head': 'dot'}
 ONE_ROW_AS_GEMM = None
 
 
-def one_row_dot(x, w):
-  """x @ w for x (..., d_in), w (d_in, d_out); one-row x as a two-row GEMM.
+def _two_row_gemm(x, w):
+  row = x.reshape(1, x.shape[-1])
+  y = jnp.dot(jnp.concatenate([row, row]), w)
+  return ((y[0] + y[1]) * 0.5).reshape(x.shape[:-1] + (w.shape[-1],))
+
+
+def one_row_dot(x, w, role='ff'):
+  """x @ w for x (..., d_in), w (d_in, d_out); one row in `role`'s GPU form.
 
   XLA:GPU rewrites a product of a single row and a matrix of fewer than 10M
   elements (every decoder matrix at d_model 1024) as an elementwise multiply
@@ -77,33 +89,39 @@ def one_row_dot(x, w):
   activation) XLA writes the whole (d_in, d_out) product out first.  Two
   copies of the row keep it a matrix product (cuBLAS / Triton), which reads
   the weights once at close to the bandwidth; the two result rows are equal,
-  and their mean is returned (exactly the row's product).
+  and their mean is returned (exactly the row's product).  `training.gemv`
+  streams the matrix in a Pallas kernel instead.
   """
   if math.prod(x.shape[:-1]) != 1 or ONE_ROW_AS_GEMM is False:
     return jnp.dot(x, w)
-
-  def gemm(x, w):
-    row = x.reshape(1, x.shape[-1])
-    y = jnp.dot(jnp.concatenate([row, row]), w)
-    return ((y[0] + y[1]) * 0.5).reshape(x.shape[:-1] + (w.shape[-1],))
-
   if ONE_ROW_AS_GEMM:
-    return gemm(x, w)
-  return jax.lax.platform_dependent(x, w, cpu=jnp.dot, default=gemm)
+    return _two_row_gemm(x, w)
+  form = ONE_ROW_GPU_FORMS.get(role, 'dot')
+  if form == 'gemv' and not gemv_lib.fits(*w.shape):
+    form = 'gemm'
+  if form == 'dot':
+    return jnp.dot(x, w)
+  gpu = {'gemm': _two_row_gemm, 'gemv': gemv_lib.gemv}[form]
+  return jax.lax.platform_dependent(x, w, cpu=jnp.dot, default=gpu)
 
 
 class Dense(tl.Dense):
   """trax's Dense (same weights, same outputs): (..., d_in) -> (..., n_units).
 
   A single row (batch 1, one position: a decoding step) is multiplied by
-  `one_row_dot`, so that a GPU runs it as a matrix product.
+  `one_row_dot` in the form ONE_ROW_GPU_FORMS gives `role` ('ff',
+  'attention' or 'head').
   """
+
+  def __init__(self, n_units, role='ff', **kwargs):
+    super().__init__(n_units, **kwargs)
+    self._role = role
 
   def forward(self, x):
     if self._use_bias:
       w, b = self.weights
-      return one_row_dot(x, w) + b
-    return one_row_dot(x, self.weights)
+      return one_row_dot(x, w, self._role) + b
+    return one_row_dot(x, self.weights, self._role)
 
 
 ONE_HOT_MAX_VOCAB = 2048
@@ -264,10 +282,10 @@ def CausalSelfAttention(d_model, n_heads, max_len=2048, mode='train',
     raise ValueError(f'd_model ({d_model}) must be a multiple of n_heads '
                      f'({n_heads}); change one of them.')
   return tl.Serial(
-      tl.Dense(3 * d_model),
+      Dense(3 * d_model, role='attention'),
       [] if qkv_layer is None else qkv_layer(mode=mode),
       CausalDotProductAttention(n_heads, max_len=max_len, mode=mode),
-      tl.Dense(d_model),
+      Dense(d_model, role='attention'),
   )
 
 

@@ -1,0 +1,116 @@
+"""One-row matrix products (a decoding step's x @ W) on a GPU, by method.
+
+Chains of products over distinct weight matrices of the 800M decoder's
+shapes (more bytes than the L2 holds), timed in an on-device loop, for:
+XLA's own dot, `training.model.one_row_dot` (a two-row GEMM), and
+`training.gemv.gemv` (a Pallas kernel) at a few tilings.  Prints a table of
+microseconds per matrix and the bandwidth that implies.
+
+    python bench/gemv_sweep.py            # on the GPU machine
+"""
+import itertools
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from training import gemv as gemv_lib
+from training import model as model_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('iters', 50, 'Loop iterations per timing.')
+flags.DEFINE_integer('mbytes', 600, 'Weight megabytes per chain.')
+flags.DEFINE_string('chains', 'attn,ff,head', 'Which chains to time.')
+flags.DEFINE_bool('sweep', True, 'Sweep Pallas tilings (else defaults only).')
+flags.DEFINE_list('bn', ['64', '128', '256'], 'block_n values swept.')
+flags.DEFINE_list('bk', ['16', '32'], 'block_k values swept.')
+flags.DEFINE_list('warps', ['4'], 'num_warps values swept.')
+flags.DEFINE_list('split', ['1', '2', '4', '8'], 'split_k values swept.')
+flags.DEFINE_bool('interpret', False, 'Run the Pallas kernel interpreted (a CPU check).')
+
+CHAINS = {
+    'attn': [(1024, 3072), (1024, 1024)],
+    'ff': [(1024, 4096), (4096, 1024)],
+    'head': [(1024, 32000)],
+}
+
+
+def _chain_fn(matmul):
+  """One pass over the chain: each product's row feeds the next matrix."""
+  def step(x, ws):
+    for i, w in enumerate(ws):
+      y = matmul(x, w)
+      k_next = ws[(i + 1) % len(ws)].shape[0]
+      x = y[..., :k_next] if y.shape[-1] >= k_next else jnp.tile(
+          y, (1, k_next // y.shape[-1]))
+      x = jax.nn.relu(x) * 0.01
+    return x
+  return step
+
+
+def _time(matmul, ws, x, iters):
+  step = _chain_fn(matmul)
+
+  @jax.jit
+  def loop(x, ws):
+    return jax.lax.fori_loop(0, iters, lambda i, x: step(x, ws), x)
+
+  out = loop(x, ws)
+  out.block_until_ready()
+  best = float('inf')
+  for _ in range(3):
+    t0 = time.perf_counter()
+    loop(x, ws).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return best / iters / len(ws), np.asarray(out)
+
+
+def main(argv):
+  del argv
+  print(jax.devices()[0].device_kind, jax.__version__)
+  rng = np.random.default_rng(0)
+  rows = []
+  for name in FLAGS.chains.split(','):
+    shapes = CHAINS[name]
+    pair_bytes = sum(k * n * 4 for k, n in shapes)
+    reps = max(1, FLAGS.mbytes * 2**20 // pair_bytes)
+    ws = [jnp.asarray(rng.standard_normal((k, n), np.float32) / np.sqrt(k))
+          for _ in range(reps) for k, n in shapes]
+    x = jnp.asarray(rng.standard_normal((1, shapes[0][0]), np.float32))
+    per_matrix_bytes = pair_bytes / len(shapes)
+    methods = [('xla dot', jnp.dot), ('two-row gemm', model_lib.one_row_dot)]
+    if FLAGS.sweep:
+      for bn, bk, warps, split in itertools.product(
+          *[map(int, v) for v in (FLAGS.bn, FLAGS.bk, FLAGS.warps, FLAGS.split)]):
+        methods.append((f'pallas bn={bn} bk={bk} w={warps} s={split}',
+                        lambda x, w, c=(bn, bk, warps, split): gemv_lib.gemv(
+                            x, w, block_n=c[0], block_k=c[1], num_warps=c[2],
+                            split_k=c[3], interpret=FLAGS.interpret)))
+    methods.append(('pallas default', lambda x, w: gemv_lib.gemv(
+        x, w, interpret=FLAGS.interpret)))
+    reference = None
+    for label, fn in methods:
+      try:
+        sec, out = _time(fn, ws, x, FLAGS.iters)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f'{name} {label}: failed: {type(e).__name__}: {str(e)[:200]}')
+        continue
+      if reference is None:
+        reference = out
+      err = float(np.max(np.abs(out - reference)))
+      rows.append((name, label, sec * 1e6, per_matrix_bytes / sec / 1e12, err))
+      print(f'{name:5s} {label:36s} {sec*1e6:8.2f} us/matrix '
+            f'{per_matrix_bytes/sec/1e12:6.2f} TB/s  max|diff| {err:.2e}',
+            flush=True)
+  print('\nbest per chain:')
+  for name in FLAGS.chains.split(','):
+    best = sorted([r for r in rows if r[0] == name], key=lambda r: r[2])[:6]
+    for r in best:
+      print(f'{r[0]:5s} {r[1]:36s} {r[2]:8.2f} us {r[3]:6.2f} TB/s')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,54 @@
+"""training.gemv: the Pallas one-row product, run by Pallas's interpreter here."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from training import gemv as gemv_lib
+
+
+@pytest.mark.parametrize('d_in,d_out,tiling', [
+    (64, 96, {}),
+    (256, 320, {}),
+    (128, 64, dict(block_n=16, block_k=16, split_k=4)),
+    (128, 64, dict(block_n=64, block_k=32, split_k=1)),
+])
+def test_gemv_equals_the_product(d_in, d_out, tiling):
+  """gemv(x, W) = x W (float64 reference) for one row, any tiling that fits."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 1, d_in))
+  w = jax.random.normal(jax.random.PRNGKey(2), (d_in, d_out))
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  got = gemv_lib.gemv(x, w, interpret=True, **tiling)
+  assert got.shape == (1, 1, d_out) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_bfloat16_weights_accumulate_in_float32():
+  """bf16 weights: products summed in float32, result in the inputs' dtype."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (1, 128)).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.PRNGKey(4), (128, 64)).astype(jnp.bfloat16)
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  got = gemv_lib.gemv(x, w, interpret=True)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize('shape,tiling,needle', [
+    ((2, 64), {}, 'one row'),
+    ((1, 64), dict(block_n=48), 'block_n=48'),
+    ((1, 64), dict(block_k=16, split_k=8), 'split_k'),
+    ((1, 96), dict(block_k=32, split_k=1), 'power of 2'),
+])
+def test_gemv_bad_tiling_is_named(shape, tiling, needle):
+  """A row count or tiling that does not fit the matrix raises a ValueError."""
+  w = jnp.zeros((shape[-1], 96))
+  with pytest.raises(ValueError, match=needle):
+    gemv_lib.gemv(jnp.zeros(shape), w, interpret=True, **tiling)
+
+
+def test_default_tiling_fits_the_decoder_shapes():
+  """The default tiling is valid for every matrix of the 800M decoder."""
+  for d_in, d_out in [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024),
+                      (1024, 6144), (6144, 1024), (1024, 32000)]:
+    block_n, block_k, _, split_k = gemv_lib.default_tiling(d_in, d_out)
+    gemv_lib.check_shapes(d_in, d_out, block_n, block_k, split_k)

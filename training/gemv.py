@@ -1,0 +1,110 @@
+"""A one-row matrix product (x @ W for a single decoded token) as a Pallas kernel.
+
+Decoding one token multiplies a single row by every weight matrix, so its
+time is the time to read the weights.  XLA:GPU runs such a product either as
+a multiply-and-reduce fusion or (given two rows) as a GEMM with small tiles,
+both well under the memory bandwidth.  `gemv` splits the matrix into tiles of
+`block_k` rows by `block_n` columns; each program of the grid streams one
+column block of one of `split_k` row ranges, accumulating elementwise
+products in registers, and the `split_k` partial rows are summed afterwards
+(by XLA, fused with whatever consumes the result).
+"""
+import functools
+
+import jax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+try:  # the Triton backend's options (absent from some jaxlib builds)
+  from jax.experimental.pallas import triton as pl_triton
+except ImportError:  # pragma: no cover
+  pl_triton = None
+
+
+def _largest_divisor(n, choices):
+  for c in choices:
+    if n % c == 0:
+      return c
+  return None
+
+
+def _power_of_2(n):
+  return n > 0 and not n & (n - 1)
+
+
+def default_tiling(d_in, d_out):
+  """(block_n, block_k, num_warps, split_k) for a (d_in, d_out) matrix."""
+  block_n = _largest_divisor(d_out, (128, 64, 32, 16))
+  block_k = _largest_divisor(d_in, (32, 16))
+  split_k = next((s for s in (4, 2, 1, 3, 6, 12) if d_in % s == 0
+                  and _power_of_2(d_in // s) and d_in // s >= (block_k or 0)),
+                 None)
+  return block_n, block_k, 4, split_k
+
+
+def check_shapes(d_in, d_out, block_n, block_k, split_k):
+  """Raises ValueError unless the tiling covers a (d_in, d_out) matrix."""
+  if not split_k:
+    raise ValueError(f'gemv: no split_k makes d_in={d_in} / split_k a power of 2')
+  if not block_n or d_out % block_n:
+    raise ValueError(f'gemv: block_n={block_n} must divide d_out={d_out}')
+  if not block_k or d_in % (block_k * split_k):
+    raise ValueError(f'gemv: block_k * split_k = {block_k} * {split_k} must '
+                     f'divide d_in={d_in}')
+  for name, v in (('block_n', block_n), ('block_k', block_k),
+                  ('d_in / split_k', d_in // split_k)):
+    if not _power_of_2(v):
+      raise ValueError(f'gemv: {name}={v} must be a power of 2')
+
+
+def fits(d_in, d_out):
+  """Whether the default tiling covers a (d_in, d_out) matrix."""
+  try:
+    check_shapes(d_in, d_out, *[default_tiling(d_in, d_out)[i] for i in (0, 1, 3)])
+  except ValueError:
+    return False
+  return True
+
+
+def gemv(x, w, *, block_n=None, block_k=None, num_warps=None, split_k=None,
+         interpret=False):
+  """x @ w for x (..., d_in) holding one row and w (d_in, d_out)."""
+  d_in, d_out = w.shape
+  if x.shape[-1] != d_in or x.size != d_in:
+    raise ValueError(f'gemv: x must be one row of {d_in}, got {x.shape}')
+  tiling = default_tiling(d_in, d_out)
+  block_n = block_n or tiling[0]
+  block_k = block_k or tiling[1]
+  num_warps = num_warps or tiling[2]
+  split_k = split_k or tiling[3]
+  check_shapes(d_in, d_out, block_n, block_k, split_k)
+  rows = d_in // split_k
+  out_dtype = jnp.result_type(x.dtype, w.dtype)
+
+  def kernel(x_ref, w_ref, o_ref):
+    def body(i, acc):
+      xs = x_ref[pl.ds(i * block_k, block_k)].astype(jnp.float32)
+      ws = w_ref[pl.ds(i * block_k, block_k), :].astype(jnp.float32)
+      return acc + ws * xs[:, None]
+    acc = jax.lax.fori_loop(0, rows // block_k, body,
+                            jnp.zeros((block_k, block_n), jnp.float32))
+    o_ref[...] = jnp.sum(acc, axis=0)[None, :]
+
+  params = {}
+  if pl_triton is not None and not interpret:
+    params['compiler_params'] = pl_triton.CompilerParams(num_warps=num_warps)
+  partial = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((split_k, d_out), jnp.float32),
+      grid=(d_out // block_n, split_k),
+      in_specs=[pl.BlockSpec((rows,), lambda j, s: (s,)),
+                pl.BlockSpec((rows, block_n), lambda j, s: (s, j))],
+      out_specs=pl.BlockSpec((1, block_n), lambda j, s: (s, j)),
+      interpret=interpret,
+      **params,
+  )(x.reshape(d_in), w)
+  y = partial[0] if split_k == 1 else jnp.sum(partial, axis=0)
+  return y.astype(out_dtype).reshape(x.shape[:-1] + (d_out,))
+
+
+gemv_interpret = functools.partial(gemv, interpret=True)
