@@ -153,6 +153,21 @@ def test_one_row_dot_as_gemm_equals_dot(shape, monkeypatch):
              for e in two_rows.eqns)
 
 
+def test_dense_predict_with_pallas_gemv_equals_eval(monkeypatch):
+  """Decoding with every Dense's single row through training.gemv (run by
+  Pallas's interpreter here) gives eval's logits."""
+  monkeypatch.setattr(model_lib, 'GEMV_ON_CPU', True)
+  monkeypatch.setattr(model_lib, 'ONE_ROW_GPU_FORMS',
+                      {'ff': 'gemv', 'attention': 'gemv', 'head': 'gemv'})
+  calls = []
+  real = model_lib.gemv_lib.gemv
+  monkeypatch.setattr(model_lib.gemv_lib, 'gemv',
+                      lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+  _assert_decoding_equals_eval(jax.random.randint(jax.random.PRNGKey(6), (1, 6), 0, 50),
+                               prefill=1)
+  assert calls, 'no Dense took the gemv form'
+
+
 def test_dense_predict_one_row_gemm_equals_eval(monkeypatch):
   """Decoding with FeedForward's Dense as a two-row GEMM gives eval's logits."""
   monkeypatch.setattr(model_lib, 'ONE_ROW_AS_GEMM', True)

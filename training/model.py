@@ -71,6 +71,8 @@ class LayerNorm(tl.LayerNorm):
 # everywhere, the CPU included.
 ONE_ROW_GPU_FORMS = {'ff': 'gemm', 'attention': 'dot', 'head': 'dot'}
 ONE_ROW_AS_GEMM = None
+# Tests: run the 'gemv' form on a CPU too, in Pallas's interpreter.
+GEMV_ON_CPU = False
 
 
 def _two_row_gemm(x, w):
@@ -101,6 +103,8 @@ def one_row_dot(x, w, role='ff'):
     form = 'gemm'
   if form == 'dot':
     return jnp.dot(x, w)
+  if form == 'gemv' and GEMV_ON_CPU:
+    return gemv_lib.gemv(x, w, interpret=jax.default_backend() == 'cpu')
   gpu = {'gemm': _two_row_gemm, 'gemv': gemv_lib.gemv}[form]
   return jax.lax.platform_dependent(x, w, cpu=jnp.dot, default=gpu)
 
