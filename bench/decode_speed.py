@@ -64,7 +64,7 @@ flags.DEFINE_enum('one_row_gemm', 'auto', ['auto', 'on', 'off'],
                   'row (auto: a two-row GEMM off the CPU).')
 flags.DEFINE_string('one_row_gpu', '',
                     'Overrides of training.model.ONE_ROW_GPU_FORMS, e.g. '
-                    '"ff=gemv,attention=gemv,head=gemv" (forms: dot, gemm, gemv).')
+                    '"ff=gemv,attention=gemv,head=gemv" (training.model.ONE_ROW_FORMS).')
 
 SHAPES = {
     '800m': dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16,
@@ -157,9 +157,9 @@ def set_one_row_gemm():
   model_lib.ONE_ROW_AS_GEMM = {'auto': None, 'on': True, 'off': False}[FLAGS.one_row_gemm]
   for item in filter(None, FLAGS.one_row_gpu.split(',')):
     role, form = item.split('=')
-    if role not in model_lib.ONE_ROW_GPU_FORMS or form not in ('dot', 'gemm', 'gemv'):
+    if role not in model_lib.ONE_ROW_GPU_FORMS or form not in model_lib.ONE_ROW_FORMS:
       raise ValueError(f'--one_row_gpu: {item!r}: roles '
-                       f'{sorted(model_lib.ONE_ROW_GPU_FORMS)}, forms dot, gemm, gemv')
+                       f'{sorted(model_lib.ONE_ROW_GPU_FORMS)}, forms {model_lib.ONE_ROW_FORMS}')
     model_lib.ONE_ROW_GPU_FORMS[role] = form
 
 

@@ -2,7 +2,7 @@
 
 Chains of products over distinct weight matrices of the 800M decoder's
 shapes (more bytes than the L2 holds), timed in an on-device loop, for:
-XLA's own dot, `training.model.one_row_dot` (a two-row GEMM), and
+XLA's own dot, `training.model.two_row_gemm`, and
 `training.gemv.gemv` (a Pallas kernel) at a few tilings.  Prints a table of
 microseconds per matrix and the bandwidth that implies.
 
@@ -81,7 +81,7 @@ def main(argv):
           for _ in range(reps) for k, n in shapes]
     x = jnp.asarray(rng.standard_normal((1, shapes[0][0]), np.float32))
     per_matrix_bytes = pair_bytes / len(shapes)
-    methods = [('xla dot', jnp.dot), ('two-row gemm', model_lib.one_row_dot)]
+    methods = [('xla dot', jnp.dot), ('two-row gemm', model_lib.two_row_gemm)]
     if FLAGS.sweep:
       for bn, bk, warps, split in itertools.product(
           *[map(int, v) for v in (FLAGS.bn, FLAGS.bk, FLAGS.warps, FLAGS.split)]):

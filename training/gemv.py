@@ -9,8 +9,6 @@ column block of one of `split_k` row ranges, accumulating elementwise
 products in registers, and the `split_k` partial rows are summed afterwards
 (by XLA, fused with whatever consumes the result).
 """
-import functools
-
 import jax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
@@ -59,8 +57,9 @@ def check_shapes(d_in, d_out, block_n, block_k, split_k):
 
 def fits(d_in, d_out):
   """Whether the default tiling covers a (d_in, d_out) matrix."""
+  block_n, block_k, _, split_k = default_tiling(d_in, d_out)
   try:
-    check_shapes(d_in, d_out, *[default_tiling(d_in, d_out)[i] for i in (0, 1, 3)])
+    check_shapes(d_in, d_out, block_n, block_k, split_k)
   except ValueError:
     return False
   return True
@@ -106,5 +105,3 @@ def gemv(x, w, *, block_n=None, block_k=None, num_warps=None, split_k=None,
   y = partial[0] if split_k == 1 else jnp.sum(partial, axis=0)
   return y.astype(out_dtype).reshape(x.shape[:-1] + (d_out,))
 
-
-gemv_interpret = functools.partial(gemv, interpret=True)

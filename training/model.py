@@ -69,13 +69,15 @@ class LayerNorm(tl.LayerNorm):
 # 'gemm' where its tiling does not fit the matrix).  A CPU always runs a plain
 # dot.  ONE_ROW_AS_GEMM True / False forces the two-row / plain form
 # everywhere, the CPU included.
+ONE_ROW_FORMS = ('dot', 'gemm', 'gemv')
 ONE_ROW_GPU_FORMS = {'ff': 'gemm', 'attention': 'dot', 'head': 'dot'}
 ONE_ROW_AS_GEMM = None
 # Tests: run the 'gemv' form on a CPU too, in Pallas's interpreter.
 GEMV_ON_CPU = False
 
 
-def _two_row_gemm(x, w):
+def two_row_gemm(x, w):
+  """x @ w for a one-row x, as the product of two copies of the row."""
   row = x.reshape(1, x.shape[-1])
   y = jnp.dot(jnp.concatenate([row, row]), w)
   return ((y[0] + y[1]) * 0.5).reshape(x.shape[:-1] + (w.shape[-1],))
@@ -97,7 +99,7 @@ def one_row_dot(x, w, role='ff'):
   if math.prod(x.shape[:-1]) != 1 or ONE_ROW_AS_GEMM is False:
     return jnp.dot(x, w)
   if ONE_ROW_AS_GEMM:
-    return _two_row_gemm(x, w)
+    return two_row_gemm(x, w)
   form = ONE_ROW_GPU_FORMS.get(role, 'dot')
   if form == 'gemv' and not gemv_lib.fits(*w.shape):
     form = 'gemm'
@@ -105,7 +107,7 @@ def one_row_dot(x, w, role='ff'):
     return jnp.dot(x, w)
   if form == 'gemv' and GEMV_ON_CPU:
     return gemv_lib.gemv(x, w, interpret=jax.default_backend() == 'cpu')
-  gpu = {'gemm': _two_row_gemm, 'gemv': gemv_lib.gemv}[form]
+  gpu = two_row_gemm if form == 'gemm' else gemv_lib.gemv
   return jax.lax.platform_dependent(x, w, cpu=jnp.dot, default=gpu)
 
 
@@ -118,6 +120,9 @@ class Dense(tl.Dense):
   """
 
   def __init__(self, n_units, role='ff', **kwargs):
+    if role not in ONE_ROW_GPU_FORMS:
+      raise ValueError(f'Dense role must be one of {sorted(ONE_ROW_GPU_FORMS)}, '
+                       f'not {role!r}.')
     super().__init__(n_units, **kwargs)
     self._role = role
 
