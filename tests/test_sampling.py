@@ -73,10 +73,69 @@ def test_cpu_decoding_loop_is_compiled_without_ynn_fusions():
   assert jax.default_backend() == 'cpu'
   assert sampling.decode_compiler_options() == sampling.CPU_DECODE_OPTIONS
   sampler = sampling.Sampler(model_lib.DecoderLM(mode='predict', **CFG), batch_size=1)
-  args = (sampler._template, np.zeros((1, 2), np.int32), jax.random.PRNGKey(0),
+  args = (sampler._decoding_weights(sampler._template), np.zeros((1, 2), np.int32),
+          jax.random.PRNGKey(0),
           4, 0.0, None)
   ours = sampler._generate.lower(*args).compile().as_text()
   default = jax.jit(sampler._generate_fn, static_argnums=(3, 4, 5)).lower(
       *args).compile().as_text()
   assert '%ynn_fusion' in default  # an instruction, not a frame name
   assert '%ynn_fusion' not in ours
+
+
+def _dense_layers(layer):
+  found = [layer] if isinstance(layer, model_lib.Dense) else []
+  for sub in layer.sublayers:
+    found += _dense_layers(sub)
+  return found
+
+
+def test_out_in_dot_equals_dot():
+  rng = np.random.RandomState(0)
+  w = rng.randn(8, 5).astype(np.float32)
+  for shape in [(8,), (1, 1, 8), (3, 4, 8)]:
+    x = rng.randn(*shape).astype(np.float32)
+    got = jax.jit(model_lib.out_in_dot)(x, w.T.copy())
+    np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_decoding_hands_dense_kernels_transposed(monkeypatch):
+  """On a CPU the Sampler marks every Dense (2 layers x 4, and the head),
+  hands them their kernels transposed (made once per weight tree), and
+  samples exactly what a Sampler without the transposition samples."""
+  eval_model = model_lib.DecoderLM(mode='eval', **CFG)
+  eval_model.init(shapes.ShapeDtype((2, 4), np.int32), rng=jax.random.PRNGKey(1))
+  weights = eval_model.weights
+  prompt = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.int32)
+  model = model_lib.DecoderLM(mode='predict', **CFG)
+  sampler = sampling.Sampler(model, batch_size=2)
+  denses = _dense_layers(model)
+  assert len(denses) == 9 and all(d._kernel_out_in for d in denses)
+  assert sum(sampler._out_in) == 9
+
+  prepared = sampler._decoding_weights(weights)
+  plain = jax.tree_util.tree_leaves(weights)
+  for leaf, moved, out_in in zip(plain, jax.tree_util.tree_leaves(prepared),
+                                 sampler._out_in):
+    if out_in:
+      np.testing.assert_array_equal(moved, np.asarray(leaf).T)
+    else:
+      assert moved is leaf
+  assert sampler._decoding_weights(weights) is prepared  # made once
+
+  monkeypatch.setattr(sampling, 'CPU_KERNELS_OUT_IN', False)
+  reference = sampling.Sampler(model_lib.DecoderLM(mode='predict', **CFG), batch_size=2)
+  assert reference._out_in is None
+  assert not any(d._kernel_out_in for d in _dense_layers(reference._model))
+  for seed in (0, 1):
+    np.testing.assert_array_equal(
+        sampler.generate(weights, prompt, 12, temperature=1.0, seed=seed),
+        reference.generate(weights, prompt, 12, temperature=1.0, seed=seed))
+
+  # Other weights (a fresh init): transposed anew, sampled as the reference.
+  other = model_lib.DecoderLM(mode='eval', **CFG)
+  other.init(shapes.ShapeDtype((2, 4), np.int32), rng=jax.random.PRNGKey(7))
+  assert sampler._decoding_weights(other.weights) is not prepared
+  np.testing.assert_array_equal(
+      sampler.generate(other.weights, prompt, 12, temperature=1.0),
+      reference.generate(other.weights, prompt, 12, temperature=1.0))

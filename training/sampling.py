@@ -15,6 +15,7 @@ first in training).
 """
 
 import functools
+import weakref
 
 import jax
 from jax import numpy as jnp
@@ -81,6 +82,40 @@ def decode_compiler_options():
   return dict(CPU_DECODE_OPTIONS)
 
 
+# On a CPU the Sampler hands each `training.model.Dense` its kernel transposed,
+# (d_out, d_in), and the layer multiplies by it in that form
+# (`training.model.out_in_dot`).  XLA:CPU reads a row's product with a
+# (d_in, d_out) matrix at well under the bandwidth when d_in > d_out.
+# The transposed kernels are made once per weight tree and kept while that
+# tree's arrays live (so decoding holds those kernels twice).
+CPU_KERNELS_OUT_IN = True
+
+
+def out_in_kernels(model):
+  """Marks `model`'s Dense layers for kernels stored (d_out, d_in).
+
+  Calls `use_kernel_out_in()` on every `training.model.Dense` whose kernel is one
+  leaf of `model.weights` (a kernel shared with another leaf is left as it
+  is) and returns a list of booleans over those leaves: True where the leaf
+  is such a kernel, to be handed to the layer transposed.
+  """
+  from training import model as model_lib  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_leaves(model.weights)
+  mask = [False] * len(leaves)
+
+  def visit(layer):
+    if isinstance(layer, model_lib.Dense):
+      kernel = layer.kernel()
+      where = [i for i, leaf in enumerate(leaves) if leaf is kernel]
+      if len(where) == 1:
+        mask[where[0]] = True
+        layer.use_kernel_out_in()
+    for sub in layer.sublayers:
+      visit(sub)
+  visit(model)
+  return mask
+
+
 def match_structure(weights, template):
   """`weights` laid out like `template` (the predict model's own weights).
 
@@ -132,6 +167,11 @@ class Sampler:
     self._dtype = compute_dtype
     self._batch_size = batch_size
     self.max_length = max_length(predict_model)
+    self._out_in = (out_in_kernels(predict_model)
+                    if CPU_KERNELS_OUT_IN and jax.default_backend() == 'cpu'
+                    else None)
+    self._transpose = jax.jit(lambda ws: [w.T for w in ws])
+    self._prepared = None  # (weak references to the leaves it was made from, tree)
     self._generate = jax.jit(self._generate_fn, static_argnums=(3, 4, 5),
                              compiler_options=decode_compiler_options())
 
@@ -223,8 +263,24 @@ class Sampler:
           f'exceeds the model\'s predict-mode cache of {self.max_length} '
           f'positions (its max_len); generate fewer tokens or build the '
           f'model with a larger max_len.')
-    weights = match_structure(weights, self._template)
+    weights = self._decoding_weights(match_structure(weights, self._template))
     out = self._generate(weights, prompt, jax.random.PRNGKey(seed), n_new,
                          temperature, top_k, inputs)
     return np.asarray(out)
 
+  def _decoding_weights(self, weights):
+    """`weights` with the marked kernels transposed (see out_in_kernels);
+    made once and reused while the same weight arrays come back."""
+    if self._out_in is None or not any(self._out_in):
+      return weights
+    leaves, treedef = jax.tree_util.tree_flatten(weights)
+    if self._prepared is not None and all(
+        ref() is leaf for ref, leaf in zip(self._prepared[0], leaves)):
+      return self._prepared[1]
+    moved = iter(self._transpose(
+        [leaf for leaf, out_in in zip(leaves, self._out_in) if out_in]))
+    tree = jax.tree_util.tree_unflatten(
+        treedef, [next(moved) if out_in else leaf
+                  for leaf, out_in in zip(leaves, self._out_in)])
+    self._prepared = ([weakref.ref(leaf) for leaf in leaves], tree)
+    return tree
