@@ -28,6 +28,7 @@ flags.DEFINE_integer('n_heads', 16, 'heads.')
 flags.DEFINE_integer('max_len', 256, 'cache length.')
 flags.DEFINE_integer('vocab_size', 32000, 'vocabulary.')
 flags.DEFINE_integer('steps', 64, 'one-token calls per timing.')
+flags.DEFINE_bool('cpu_kernels_out_in', True, 'On a CPU, Dense kernels transposed as the Sampler hands them over.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'weights and activations.')
 
 
@@ -49,7 +50,7 @@ def layers(d, h, max_len, vocab):
       'SparseFF 4096/64': sparse_ff.SparseFF(4096, 64, 64, mode=p),
       'SparseFF 6144/64': sparse_ff.SparseFF(6144, 64, 96, mode=p),
       'LayerNorm': model_lib.LayerNorm(),
-      f'Dense {vocab} (output)': tl.Dense(vocab),
+      f'Dense {vocab} (output)': model_lib.Dense(vocab, role='head'),
       f'FactoredDense {vocab} S=4 (sparse loss)': sparse_qkv.FactoredDense(4, d, vocab),
   }
 
@@ -60,6 +61,9 @@ def time_layer(layer, d, dtype):
   from training.trainer import cast_floats  # pylint: disable=g-import-not-at-top
   layer.init(shapes.ShapeDtype((1, 1, d), np.float32))
   weights = cast_floats(layer.weights, dtype)
+  if FLAGS.cpu_kernels_out_in and jax.default_backend() == 'cpu':
+    # Dense kernels as the Sampler hands them over on a CPU.
+    weights = sampling.transpose_marked(weights, sampling.out_in_kernels(layer))
   state = cast_floats(layer.state, dtype)
   x0 = jnp.ones((1, 1, d), dtype or jnp.float32)
   rng = jax.random.PRNGKey(0)

@@ -116,6 +116,20 @@ def out_in_kernels(model):
   return mask
 
 
+@jax.jit
+def _transposed(arrays):
+  return [a.T for a in arrays]
+
+
+def transpose_marked(weights, marked):
+  """`weights` with the leaves `marked` (booleans over its leaves, from
+  `out_in_kernels`) transposed; the other leaves are the same objects."""
+  leaves, treedef = jax.tree_util.tree_flatten(weights)
+  moved = iter(_transposed([a for a, m in zip(leaves, marked) if m]))
+  return jax.tree_util.tree_unflatten(
+      treedef, [next(moved) if m else a for a, m in zip(leaves, marked)])
+
+
 def match_structure(weights, template):
   """`weights` laid out like `template` (the predict model's own weights).
 
@@ -170,7 +184,6 @@ class Sampler:
     self._out_in = (out_in_kernels(predict_model)
                     if CPU_KERNELS_OUT_IN and jax.default_backend() == 'cpu'
                     else None)
-    self._transpose = jax.jit(lambda ws: [w.T for w in ws])
     self._prepared = None  # (weak references to the leaves it was made from, tree)
     self._generate = jax.jit(self._generate_fn, static_argnums=(3, 4, 5),
                              compiler_options=decode_compiler_options())
@@ -273,14 +286,10 @@ class Sampler:
     made once and reused while the same weight arrays come back."""
     if self._out_in is None or not any(self._out_in):
       return weights
-    leaves, treedef = jax.tree_util.tree_flatten(weights)
+    leaves = jax.tree_util.tree_leaves(weights)
     if self._prepared is not None and all(
         ref() is leaf for ref, leaf in zip(self._prepared[0], leaves)):
       return self._prepared[1]
-    moved = iter(self._transpose(
-        [leaf for leaf, out_in in zip(leaves, self._out_in) if out_in]))
-    tree = jax.tree_util.tree_unflatten(
-        treedef, [next(moved) if out_in else leaf
-                  for leaf, out_in in zip(leaves, self._out_in)])
+    tree = transpose_marked(weights, self._out_in)
     self._prepared = ([weakref.ref(leaf) for leaf in leaves], tree)
     return tree
