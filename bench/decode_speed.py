@@ -18,8 +18,8 @@ paper and trax's timing test do) and times
 
 It also measures the machine's memory bandwidth (the better of an XLA copy
 of a large array, bytes read + written over time, and a matrix-vector
-product over a large matrix, bytes read over time; measured before and after
-the timings, the better kept) and reports each model's floor: the bytes of
+product over a large matrix, bytes read over time; read before each model
+and after the last, the best kept) and reports each model's floor: the bytes of
 weights one token must read (every weight, except that the embedding and
 position tables give one row, and `SparseFF` reads only its chosen rows of W1
 and W2) divided by that bandwidth.  Key/value-cache reads are reported apart.
@@ -243,7 +243,10 @@ def main(argv):
         f'GB/s (matvec); shape {FLAGS.shape}, batch '
         f'{FLAGS.batch}, cache {FLAGS.max_len}, ours in {FLAGS.dtype}', flush=True)
   rows = []
-  for variant in FLAGS.variants:
+  readings = [(copy_bw, matvec_bw)]
+  for i, variant in enumerate(FLAGS.variants):
+    if i:
+      readings.append(memory_bandwidth(FLAGS.bandwidth_mib)[1:])
     kwargs = model_kwargs(FLAGS.shape, variant)
     row = dict(variant=variant, **kwargs)
     if 'ours' in FLAGS.impls:
@@ -259,14 +262,14 @@ def main(argv):
       print(f"{variant:14s} trax {tr['s_per_token'] * 1e3:8.3f} ms/token", flush=True)
     rows.append(row)
 
-  # A shared machine's bandwidth moves between minutes: the floor uses the
-  # better of the readings before and after the timings.
-  bw_before = bw
-  bw, copy_after, matvec_after = memory_bandwidth(FLAGS.bandwidth_mib)
-  print(f'memory bandwidth after the timings {copy_after / 1e9:.1f} GB/s (copy), '
-        f'{matvec_after / 1e9:.1f} GB/s (matvec)', flush=True)
-  bw = max(bw, bw_before)
-  copy_bw, matvec_bw = max(copy_bw, copy_after), max(matvec_bw, matvec_after)
+  # A shared machine's bandwidth moves from minute to minute: the floor uses
+  # the best of the readings taken before each model and after the last.
+  readings.append(memory_bandwidth(FLAGS.bandwidth_mib)[1:])
+  copy_bw = max(c for c, _ in readings)
+  matvec_bw = max(m for _, m in readings)
+  bw = max(copy_bw, matvec_bw)
+  print('memory bandwidth readings (copy / matvec GB/s): ' + ', '.join(
+      f'{c / 1e9:.1f} / {m / 1e9:.1f}' for c, m in readings), flush=True)
   for row in rows:
     if 'ours' in row:
       row['ours']['floor_s'] = row['ours']['weight_bytes'] / bw
@@ -295,8 +298,8 @@ def main(argv):
   if FLAGS.out_json:
     with open(FLAGS.out_json, 'w') as f:
       json.dump(dict(device=f'{device.platform} {device.device_kind}',
-                     cpus=os.cpu_count(), bandwidth=bw, bandwidth_before=bw_before,
-                     copy_bandwidth=copy_bw,
+                     cpus=os.cpu_count(), bandwidth=bw, copy_bandwidth=copy_bw,
+                     bandwidth_readings=readings,
                      matvec_bandwidth=matvec_bw, dtype=FLAGS.dtype,
                      max_len=FLAGS.max_len, batch=FLAGS.batch, rows=rows), f, indent=1)
 
