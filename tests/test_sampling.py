@@ -139,3 +139,9 @@ def test_cpu_decoding_hands_dense_kernels_transposed(monkeypatch):
   np.testing.assert_array_equal(
       sampler.generate(other.weights, prompt, 12, temperature=1.0),
       reference.generate(other.weights, prompt, 12, temperature=1.0))
+
+
+def test_weak_reference_of_a_leaf_without_one_matches_nothing():
+  leaf = np.ones((2,), np.float32)
+  assert sampling._weak(leaf)() is leaf
+  assert sampling._weak(np.float32(1.0))() is None  # numpy scalars take none

@@ -68,8 +68,8 @@ class LayerNorm(tl.LayerNorm):
 # (two copies of the row: a GEMM) or 'gemv' (`training.gemv`'s Pallas kernel;
 # 'gemm' where its tiling does not fit the matrix).  A CPU runs a plain dot
 # (the Sampler, decoding on a CPU, hands Dense its kernel transposed and the
-# layer runs `out_in_dot`).  ONE_ROW_AS_GEMM True / False forces the two-row / plain form
-# everywhere, the CPU included.
+# layer runs `out_in_dot`).  ONE_ROW_AS_GEMM True / False forces the two-row
+# / plain form everywhere, the CPU included.
 ONE_ROW_FORMS = ('dot', 'gemm', 'gemv')
 ONE_ROW_GPU_FORMS = {'ff': 'gemm', 'attention': 'dot', 'head': 'dot'}
 ONE_ROW_AS_GEMM = None

@@ -102,13 +102,15 @@ def out_in_kernels(model):
   from training import model as model_lib  # pylint: disable=g-import-not-at-top
   leaves = jax.tree_util.tree_leaves(model.weights)
   mask = [False] * len(leaves)
+  where = {}  # id of a leaf -> its positions
+  for i, leaf in enumerate(leaves):
+    where.setdefault(id(leaf), []).append(i)
 
   def visit(layer):
     if isinstance(layer, model_lib.Dense):
-      kernel = layer.kernel()
-      where = [i for i, leaf in enumerate(leaves) if leaf is kernel]
-      if len(where) == 1:
-        mask[where[0]] = True
+      found = where.get(id(layer.kernel()), [])
+      if len(found) == 1:
+        mask[found[0]] = True
         layer.use_kernel_out_in()
     for sub in layer.sublayers:
       visit(sub)
@@ -128,6 +130,15 @@ def transpose_marked(weights, marked):
   moved = iter(_transposed([a for a, m in zip(leaves, marked) if m]))
   return jax.tree_util.tree_unflatten(
       treedef, [next(moved) if m else a for a, m in zip(leaves, marked)])
+
+
+def _weak(leaf):
+  """A weak reference to `leaf`, or (for a leaf that takes none) a callable
+  that matches nothing."""
+  try:
+    return weakref.ref(leaf)
+  except TypeError:
+    return lambda: None
 
 
 def match_structure(weights, template):
@@ -159,6 +170,10 @@ class Sampler:
     compute_dtype: dtype the float weights are cast to (None keeps them).
     input_len: for an encoder-decoder (n_in 2), the length of the encoder
       inputs it is initialised for (required then; unused otherwise).
+
+  On a CPU it marks the model's `training.model.Dense` layers to take their
+  kernels transposed (`out_in_kernels`), and hands them over that way; run
+  the model through the Sampler from then on.
   """
 
   def __init__(self, predict_model, batch_size=1, compute_dtype=None,
@@ -291,5 +306,5 @@ class Sampler:
         ref() is leaf for ref, leaf in zip(self._prepared[0], leaves)):
       return self._prepared[1]
     tree = transpose_marked(weights, self._out_in)
-    self._prepared = ([weakref.ref(leaf) for leaf in leaves], tree)
+    self._prepared = ([_weak(leaf) for leaf in leaves], tree)
     return tree
