@@ -234,13 +234,14 @@ def DenseCausalAttention(d_model, n_heads, d_head, max_len=2048,
   The core is `training.model.CausalDotProductAttention` over [Q | K | V];
   `max_len` is its predict-mode cache length.
   """
+  dense = lambda n: model_lib.Dense(n, role='attention')
   return tl.Serial(
       tl.Select([0, 0, 0]),
-      tl.Parallel(tl.Dense(n_heads * d_head), tl.Dense(n_heads * d_head),
-                  tl.Dense(n_heads * d_head)),
+      tl.Parallel(dense(n_heads * d_head), dense(n_heads * d_head),
+                  dense(n_heads * d_head)),
       tl.Concatenate(n_items=3),
       model_lib.CausalDotProductAttention(n_heads, max_len=max_len, mode=mode),
-      tl.Dense(d_model),
+      dense(d_model),
   )
 
 
@@ -347,10 +348,10 @@ def FeedForwardWithOptions(d_model, d_ff, dropout, ff_activation, ff_dropout,
   else:
     act_dropout = dropout if ff_dropout is None else ff_dropout
     ff = [_layer_norm(center_layernorm),
-          tl.Dense(d_ff, use_bfloat16=use_bfloat16),
+          model_lib.Dense(d_ff, use_bfloat16=use_bfloat16),
           tl.Dropout(rate=act_dropout, shared_axes=[-2], mode=mode),
           ff_activation(),
-          tl.Dense(d_model, use_bfloat16=use_bfloat16),
+          model_lib.Dense(d_model, use_bfloat16=use_bfloat16),
           tl.Dropout(rate=dropout, shared_axes=[-2], mode=mode)]
     if ff_chunk_size > 0:
       ff = tl.BatchLeadingAxes(tl.Chunk(tl.Serial(ff), ff_chunk_size))

@@ -168,3 +168,28 @@ def test_reversible_lm_predict_equals_eval():
                           jax.random.PRNGKey(0))
     np.testing.assert_allclose(np.asarray(logits)[:, 0], expected[:, i],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_decodes_with_dense_kernels_transposed_as_without(monkeypatch):
+  """On a CPU the Sampler hands the Dense layers (the decoder's two
+  attentions x 4, the feed-forwards of its two and the encoder's one layer
+  x 2) their kernels transposed; it samples the same tokens as a Sampler
+  that does not."""
+  from training import sampling  # pylint: disable=g-import-not-at-top
+  args = dict(PREDICT_ARGS, ff_sparsity=0, ff_use_sru=0,
+              encoder_decoder_attention_type='dense')
+  model = terraformer.ConfigurableTerraformer(mode='eval', **args)
+  weights, _ = model.init(_sig(2, 5, 6), rng=jax.random.PRNGKey(3))
+  inputs = np.array([[3, 5, 7, 2, 9], [4, 4, 1, 8, 6]], np.int32)
+  sampler = sampling.Sampler(
+      terraformer.ConfigurableTerraformer(mode='predict', **args), batch_size=2,
+      input_len=5)
+  assert sum(sampler._out_in) == 14
+  got = sampler.decode(weights, inputs, 6, temperature=1.0, seed=4)
+  monkeypatch.setattr(sampling, 'CPU_KERNELS_OUT_IN', False)
+  plain = sampling.Sampler(
+      terraformer.ConfigurableTerraformer(mode='predict', **args), batch_size=2,
+      input_len=5)
+  assert plain._out_in is None
+  np.testing.assert_array_equal(
+      got, plain.decode(weights, inputs, 6, temperature=1.0, seed=4))
