@@ -114,14 +114,9 @@ def TerraformerLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
   Returns:
     A layer (batch, length) int32 -> (batch, length, vocab_size) logits.
   """
-  if mode not in model_lib.MODES:
-    raise ValueError(f'mode must be one of {model_lib.MODES}, not {mode!r}.')
-  for name, value in (('vocab_size', vocab_size), ('d_model', d_model),
-                      ('d_ff', d_ff), ('n_layers', n_layers),
-                      ('n_heads', n_heads), ('max_len', max_len)):
-    sparse_qkv._check_positive_int(name, value)  # pylint: disable=protected-access
-  if d_model % n_heads:
-    raise ValueError(f'n_heads={n_heads} must divide d_model={d_model}.')
+  sparse_qkv.check_lm_arguments(
+      mode, vocab_size=vocab_size, d_model=d_model, d_ff=d_ff,
+      n_layers=n_layers, n_heads=n_heads, max_len=max_len)
   _check_sparsity('loss_sparsity', loss_sparsity, vocab_size, 'vocab_size')
 
   def block():

@@ -64,6 +64,19 @@ def _check_positive_int(name, value):
     raise ValueError(f'{name} must be a positive integer, not {value!r}.')
 
 
+def check_lm_arguments(mode, **sizes):
+  """The checks both Terraformer LMs make when built: `mode` is one of
+  MODES, every size (vocab_size, d_model, ...) a positive integer, and
+  n_heads divides d_model."""
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, not {mode!r}.')
+  for name, value in sizes.items():
+    _check_positive_int(name, value)
+  if sizes['d_model'] % sizes['n_heads']:
+    raise ValueError(f"n_heads={sizes['n_heads']} must divide "
+                     f"d_model={sizes['d_model']}.")
+
+
 def _check_mode(mode):
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, not {mode!r}.')

@@ -778,14 +778,9 @@ def ReversibleTerraformerLM(vocab_size, d_model=512, d_ff=2048, n_layers=6,
   (attention_type: 'dense', 'sparse_qkv', 'lsh', a class, or a list used in
   turn by layer; the predict-mode cache holds max_len positions).
   """
-  if mode not in MODES:
-    raise ValueError(f'mode must be one of {MODES}, not {mode!r}.')
-  for name, value in (('vocab_size', vocab_size), ('d_model', d_model),
-                      ('d_ff', d_ff), ('n_layers', n_layers),
-                      ('n_heads', n_heads), ('max_len', max_len)):
-    sparse_qkv._check_positive_int(name, value)  # pylint: disable=protected-access
-  if d_model % n_heads:
-    raise ValueError(f'n_heads={n_heads} must divide d_model={d_model}.')
+  sparse_qkv.check_lm_arguments(
+      mode, vocab_size=vocab_size, d_model=d_model, d_ff=d_ff,
+      n_layers=n_layers, n_heads=n_heads, max_len=max_len)
   if pos_type not in POS_TYPES[:3] + ('no',):
     raise ValueError(f"pos_type must be one of {POS_TYPES[:3] + ('no',)}, "
                      f'not {pos_type!r}.')

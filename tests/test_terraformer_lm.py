@@ -147,3 +147,17 @@ def test_flop_count_sees_the_sparse_layers_as_their_dense_equivalents():
   # is applied at each of the 4 modules.
   assert trainer_lib.train_flops_per_token(fd, 3) == 6 * 32 * 24
   assert trainer_lib.train_flops_per_token(conv, 3) == 6 * 3 * 3 * 8 * 8 * 4
+
+
+@pytest.mark.parametrize('build', ['TerraformerLM', 'ReversibleTerraformerLM'])
+@pytest.mark.parametrize('change, match', [
+    (dict(mode='sample'), 'mode must be one of'),
+    (dict(d_model=0), 'd_model must be a positive integer'),
+    (dict(max_len=2.5), 'max_len must be a positive integer'),
+    (dict(n_heads=5), 'n_heads=5 must divide d_model=32'),
+])
+def test_both_terraformer_lms_check_their_sizes_when_built(build, change, match):
+  from terraformer import terraformer  # pylint: disable=g-import-not-at-top
+  fn = getattr(models if build == 'TerraformerLM' else terraformer, build)
+  with pytest.raises(ValueError, match=match):
+    fn(**dict(CFG, **change))
