@@ -61,9 +61,9 @@ def time_layer(layer, d, dtype):
   from training.trainer import cast_floats  # pylint: disable=g-import-not-at-top
   layer.init(shapes.ShapeDtype((1, 1, d), np.float32))
   weights = cast_floats(layer.weights, dtype)
-  if FLAGS.cpu_kernels_out_in and jax.default_backend() == 'cpu':
-    # Dense kernels as the Sampler hands them over on a CPU.
-    weights = sampling.transpose_marked(weights, sampling.out_in_kernels(layer))
+  marked = sampling.decoding_out_in(layer)  # as the Sampler hands them over
+  if marked is not None:
+    weights = sampling.transpose_marked(weights, marked)
   state = cast_floats(layer.state, dtype)
   x0 = jnp.ones((1, 1, d), dtype or jnp.float32)
   rng = jax.random.PRNGKey(0)
@@ -90,6 +90,8 @@ def time_layer(layer, d, dtype):
 
 def main(argv):
   del argv
+  from training import sampling  # pylint: disable=g-import-not-at-top
+  sampling.CPU_KERNELS_OUT_IN = FLAGS.cpu_kernels_out_in
   dtype = None if FLAGS.dtype == 'float32' else jnp.bfloat16
   dev = jax.devices()[0]
   print(f'{dev.platform} {dev.device_kind}, {os.cpu_count()} CPUs, {FLAGS.dtype}')

@@ -68,8 +68,7 @@ def check_lm_arguments(mode, **sizes):
   """The checks both Terraformer LMs make when built: `mode` is one of
   MODES, every size (vocab_size, d_model, ...) a positive integer, and
   n_heads divides d_model."""
-  if mode not in MODES:
-    raise ValueError(f'mode must be one of {MODES}, not {mode!r}.')
+  _check_mode(mode)
   for name, value in sizes.items():
     _check_positive_int(name, value)
   if sizes['d_model'] % sizes['n_heads']:

@@ -118,6 +118,14 @@ def out_in_kernels(model):
   return mask
 
 
+def decoding_out_in(model):
+  """`out_in_kernels(model)` when decoding hands kernels over transposed
+  (CPU_KERNELS_OUT_IN, on a CPU); None otherwise (nothing marked)."""
+  if CPU_KERNELS_OUT_IN and jax.default_backend() == 'cpu':
+    return out_in_kernels(model)
+  return None
+
+
 @jax.jit
 def _transposed(arrays):
   return [a.T for a in arrays]
@@ -196,9 +204,7 @@ class Sampler:
     self._dtype = compute_dtype
     self._batch_size = batch_size
     self.max_length = max_length(predict_model)
-    self._out_in = (out_in_kernels(predict_model)
-                    if CPU_KERNELS_OUT_IN and jax.default_backend() == 'cpu'
-                    else None)
+    self._out_in = decoding_out_in(predict_model)
     self._prepared = None  # (weak references to the leaves it was made from, tree)
     self._generate = jax.jit(self._generate_fn, static_argnums=(3, 4, 5),
                              compiler_options=decode_compiler_options())
