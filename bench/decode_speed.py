@@ -16,6 +16,12 @@ paper and trax's timing test do) and times
         decoded by `trax.supervised.decoding.autoregressive_sample_stream`
         (the time between consecutive tokens after `warmup` tokens).
 
+With both, --rounds R times them alternately, R rounds back to back per
+model (trax's later rounds continue its stream), and reports the medians of
+the rounds and the median of the per-round trax/ours ratios: a shared
+machine's bandwidth moves from minute to minute, and pairing the two
+measurements keeps such a change from landing on one impl only.
+
 It also measures the machine's memory bandwidth (the better of an XLA copy
 of a large array, bytes read + written over time, and a matrix-vector
 product over a large matrix, bytes read over time; read before each model
@@ -27,6 +33,7 @@ and W2) divided by that bandwidth.  Key/value-cache reads are reported apart.
     python bench/decode_speed.py                        # 800M, CPU or GPU
     python bench/decode_speed.py --shape=tiny --impls=ours,trax   # seconds
     python bench/decode_speed.py --dtype=bfloat16 --out_json=/tmp/d.json
+    python bench/decode_speed.py --variants=dense --rounds=5   # paired
 
 Weights are random: decoding speed does not depend on their values, except
 through which units the sparse FF picks (any choice reads the same bytes).
@@ -55,6 +62,10 @@ flags.DEFINE_list('impls', ['ours', 'trax'], 'ours and/or trax.')
 flags.DEFINE_integer('warmup', 4, 'tokens decoded before timing.')
 flags.DEFINE_integer('tokens', 12, 'tokens timed.')
 flags.DEFINE_integer('repeats', 3, 'timing repeats (ours; the median is kept).')
+flags.DEFINE_integer('rounds', 1, 'with both impls: time ours and trax '
+                     'alternately this many times per model (each round '
+                     'both, back to back) and report the median of the '
+                     'rounds and of their trax/ours ratios.')
 flags.DEFINE_integer('max_len', 256, 'predict-mode cache length (both impls).')
 flags.DEFINE_integer('batch', 1, 'sequences decoded together.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'weight dtype (ours).')
@@ -177,7 +188,9 @@ def build_ours(kwargs, dtype=None):
   return model, sampler, weights
 
 
-def time_ours(kwargs, dtype):
+def ours_timer(kwargs, dtype):
+  """(facts about our model, measure): measure() times one round, in
+  seconds per token (the median of --repeats, see the module docstring)."""
   from training import trainer  # pylint: disable=g-import-not-at-top
   model, sampler, weights = build_ours(kwargs, dtype)
   params = trainer.count_params(model.weights)
@@ -191,13 +204,22 @@ def time_ours(kwargs, dtype):
     return time.perf_counter() - t
 
   run(n0), run(n1)  # compile both lengths
-  t0 = np.median([run(n0) for _ in range(FLAGS.repeats)])
-  t1 = np.median([run(n1) for _ in range(FLAGS.repeats)])
-  return dict(params=params, weight_bytes=w_bytes, cache_bytes=c_bytes,
-              s_per_token=(t1 - t0) / FLAGS.tokens, s_per_call=t1 / n1)
+  last = {}
+
+  def measure():
+    t0 = np.median([run(n0) for _ in range(FLAGS.repeats)])
+    t1 = np.median([run(n1) for _ in range(FLAGS.repeats)])
+    last['s_per_call'] = t1 / n1
+    return (t1 - t0) / FLAGS.tokens
+
+  facts = dict(params=params, weight_bytes=w_bytes, cache_bytes=c_bytes)
+  return facts, measure, last
 
 
-def time_trax(kwargs):
+def trax_timer(kwargs):
+  """measure: each call takes the next --tokens + 1 tokens of one trax
+  decoding stream (after --warmup untimed ones) and returns the median gap
+  between consecutive tokens, in seconds, and their mean."""
   from trax import layers as tl  # pylint: disable=g-import-not-at-top
   from trax import shapes  # pylint: disable=g-import-not-at-top
   from trax.models.research import configurable_transformer as ct  # pylint: disable=g-import-not-at-top
@@ -219,14 +241,21 @@ def time_trax(kwargs):
   model.init(shapes.ShapeDtype((FLAGS.batch, 1), np.int32))
   stream = decoding.autoregressive_sample_stream(
       model, batch_size=FLAGS.batch, temperature=0.0)
-  stamps = []
-  for i, _ in enumerate(stream):
-    jax.block_until_ready(_)
-    stamps.append(time.perf_counter())
-    if i + 1 == FLAGS.warmup + FLAGS.tokens:
-      break
-  gaps = np.diff(stamps[FLAGS.warmup - 1:])
-  return dict(s_per_token=float(np.median(gaps)), s_per_token_mean=float(np.mean(gaps)))
+
+  def stamps(n):
+    out = []
+    for _ in range(n):
+      jax.block_until_ready(next(stream))
+      out.append(time.perf_counter())
+    return out
+
+  stamps(FLAGS.warmup - 1)
+
+  def measure():
+    gaps = np.diff(stamps(FLAGS.tokens + 1))
+    return float(np.median(gaps)), float(np.mean(gaps))
+
+  return measure
 
 
 def main(argv):
@@ -234,6 +263,14 @@ def main(argv):
   for v in FLAGS.variants:
     if v not in VARIANTS:
       raise app.UsageError(f'unknown variant {v!r}; known: {sorted(VARIANTS)}')
+  if FLAGS.rounds < 1:
+    raise app.UsageError('--rounds must be at least 1.')
+  if ('trax' in FLAGS.impls
+      and FLAGS.warmup + FLAGS.rounds * (FLAGS.tokens + 1) > FLAGS.max_len):
+    raise app.UsageError(
+        f'trax decodes --warmup + --rounds * (--tokens + 1) = '
+        f'{FLAGS.warmup + FLAGS.rounds * (FLAGS.tokens + 1)} tokens in one '
+        f'stream, more than --max_len ({FLAGS.max_len}); lower one of them.')
   dtype = None if FLAGS.dtype == 'float32' else jnp.bfloat16
   set_one_row_gemm()
   device = jax.devices()[0]
@@ -249,17 +286,38 @@ def main(argv):
       readings.append(memory_bandwidth(FLAGS.bandwidth_mib)[1:])
     kwargs = model_kwargs(FLAGS.shape, variant)
     row = dict(variant=variant, **kwargs)
+    # Rounds alternate the impls, so that a shared machine's slow and fast
+    # minutes fall on both.
+    ours = trax = None
     if 'ours' in FLAGS.impls:
-      ours = time_ours(kwargs, dtype)
-      row['ours'] = ours
-      print(f"{variant:14s} ours {ours['s_per_token'] * 1e3:8.3f} ms/token, "
-            f"{ours['params'] / 1e6:6.1f}M params, reads "
-            f"{ours['weight_bytes'] / 1e6:7.1f} MB weights + "
-            f"{ours['cache_bytes'] / 1e6:5.1f} MB cache", flush=True)
+      facts, ours, ours_last = ours_timer(kwargs, dtype)
+      row['ours'] = dict(facts, rounds=[])
     if 'trax' in FLAGS.impls:
-      tr = time_trax(kwargs)
-      row['trax'] = tr
-      print(f"{variant:14s} trax {tr['s_per_token'] * 1e3:8.3f} ms/token", flush=True)
+      trax = trax_timer(kwargs)
+      row['trax'] = dict(rounds=[], rounds_mean=[])
+    for r in range(FLAGS.rounds):
+      tag = f' (round {r + 1}/{FLAGS.rounds})' if FLAGS.rounds > 1 else ''
+      if ours:
+        o = ours()
+        row['ours']['rounds'].append(o)
+        print(f"{variant:14s} ours {o * 1e3:8.3f} ms/token, "
+              f"{facts['params'] / 1e6:6.1f}M params, reads "
+              f"{facts['weight_bytes'] / 1e6:7.1f} MB weights + "
+              f"{facts['cache_bytes'] / 1e6:5.1f} MB cache{tag}", flush=True)
+      if trax:
+        t, t_mean = trax()
+        row['trax']['rounds'].append(t)
+        row['trax']['rounds_mean'].append(t_mean)
+        print(f"{variant:14s} trax {t * 1e3:8.3f} ms/token{tag}", flush=True)
+    if ours:
+      row['ours']['s_per_token'] = float(np.median(row['ours']['rounds']))
+      row['ours']['s_per_call'] = ours_last['s_per_call']
+    if trax:
+      row['trax']['s_per_token'] = float(np.median(row['trax']['rounds']))
+      row['trax']['s_per_token_mean'] = float(np.mean(row['trax']['rounds_mean']))
+    if ours and trax:
+      row['trax_over_ours'] = float(np.median(
+          [t / o for t, o in zip(row['trax']['rounds'], row['ours']['rounds'])]))
     rows.append(row)
 
   # A shared machine's bandwidth moves from minute to minute: the floor uses
@@ -291,7 +349,7 @@ def main(argv):
     if t:
       bt = base['trax']['s_per_token']
       cells += [f"{t['s_per_token'] * 1e3:.3f}", f"{bt / t['s_per_token']:.2f}x",
-                f"{t['s_per_token'] / o['s_per_token']:.1f}x" if o else '']
+                f"{row['trax_over_ours']:.1f}x" if o else '']
     else:
       cells += ['', '', '']
     print('| ' + ' | '.join(cells) + ' |')
