@@ -9,14 +9,17 @@ column block of one of `split_k` row ranges, accumulating elementwise
 products in registers, and the `split_k` partial rows are summed afterwards
 (by XLA, fused with whatever consumes the result).
 
-Measured on an H100 (2026-12-06, bench/results/gemv_sweep_h100_s20.txt,
-chains of the 800M decoder's matrices): at its best tiling so far it is
-slower than XLA's dot on the attention matrices (10.9 against 7.0 us per
-matrix) and than the two-row GEMM on the feed-forward's (22.3 against
-10.1 us), and level with both on the 32000-wide head (51 us, 2.5 TB/s).  At
-the narrower matrices its time halved with each doubling of split_k and
-grew with block_n: too few programs, each streaming its rows serially.  No
-role uses it by default (`training.model.ONE_ROW_GPU_FORMS`).
+Measured on an H100 (2026-12-06, bench/results/gemv_sweep_h100_s20.txt and
+gemv_sweep_h100_s21.txt, chains of the 800M decoder's matrices): with
+split_k 1-4 it was slower than XLA's dot on the attention matrices (10.9
+against 7.0 us per matrix) and than the two-row GEMM on the feed-forward's
+(22.3 against 10.1 us): too few programs.  With split_k 16, block_n 32 and
+block_k 64 (the default tiling since) it is faster than both: 5.65 against
+7.16 us on the attention matrices, 9.13 against 9.97 us on the
+feed-forward's.  On the 32000-wide head it is level with XLA (51 us, 2.5
+TB/s, at split_k 4).  In the whole decoding loop the gain was not clear
+against the spread between runs, so no role uses it by default
+(`training.model.ONE_ROW_GPU_FORMS`; BENCHMARKS.md, H100 2026-12-06).
 """
 import jax
 from jax.experimental import pallas as pl
@@ -40,10 +43,15 @@ def _power_of_2(n):
 
 
 def default_tiling(d_in, d_out):
-  """(block_n, block_k, num_warps, split_k) for a (d_in, d_out) matrix."""
-  block_n = _largest_divisor(d_out, (64, 32, 16))  # 64 measured best of 64-256
-  block_k = _largest_divisor(d_in, (32, 16))
-  split_k = next((s for s in (4, 2, 1, 3, 6, 12) if d_in % s == 0
+  """(block_n, block_k, num_warps, split_k) for a (d_in, d_out) matrix.
+
+  Prefers the best of an H100 sweep over the decoder's matrices (block_n
+  16-64, block_k 32-64, split_k 8-32, 2 or 4 warps): block_n 32, block_k 64,
+  4 warps, split_k 16 (enough programs to fill the GPU at d_out 1024).
+  """
+  block_n = _largest_divisor(d_out, (32, 16, 64))
+  block_k = _largest_divisor(d_in, (64, 32, 16))
+  split_k = next((s for s in (16, 8, 4, 2, 1, 3, 6, 12) if d_in % s == 0
                   and _power_of_2(d_in // s) and d_in // s >= (block_k or 0)),
                  None)
   return block_n, block_k, 4, split_k
