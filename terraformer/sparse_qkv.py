@@ -531,7 +531,7 @@ def MultiplicativeConvCausalAttention(
       tl.Parallel(split(), split(), split()),
       DotProductCausalAttention(
           dropout=dropout, max_inference_length=max_inference_length,
-          mode=mode),
+          mode=mode, d_attn=d_feature),
       tl.MergeHeads(n_heads),
       output_layers,
   )
@@ -545,8 +545,18 @@ class DotProductCausalAttention(tl.DotProductCausalAttention):
   outputs as trax's layer, which it runs unchanged in the other modes.  In
   'predict' mode it updates the caches the same way and attends with
   `training.model.cached_attention`, whose one-token path reads each cache
-  in a single fused pass.
+  in a single fused pass.  `d_attn` (heads x head width, which the layer's
+  inputs do not tell) is read by FLOP counting
+  (`training.trainer.train_flops_per_token`); None leaves it uncounted.
   """
+
+  def __init__(self, *args, d_attn=None, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._d_attn = d_attn
+
+  @property
+  def d_attn(self):
+    return self._d_attn
 
   def forward(self, inputs):
     if self._mode != 'predict' or self._portal_mask is not None:

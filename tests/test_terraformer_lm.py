@@ -161,3 +161,15 @@ def test_both_terraformer_lms_check_their_sizes_when_built(build, change, match)
   fn = getattr(models if build == 'TerraformerLM' else terraformer, build)
   with pytest.raises(ValueError, match=match):
     fn(**dict(CFG, **change))
+
+
+def test_flop_count_includes_the_sparse_qkv_attention_scores():
+  """With sparse QKV the attention's scores and weighted sum are counted as
+  for dense attention: 6 * layers * d_model * seq on top of the weights."""
+  from terraformer import models  # pylint: disable=g-import-not-at-top
+  d, n, seq = 32, 2, 8
+  lm = models.TerraformerLM(16, d_model=d, d_ff=64, n_layers=n, n_heads=4,
+                            attention_sparsity=4, max_len=seq)
+  lm.init(shapes.ShapeDtype((1, seq), np.int32))
+  weights_only = 6 * trainer_lib._matmul_params(lm)  # pylint: disable=protected-access
+  assert trainer_lib.train_flops_per_token(lm, seq) == weights_only + 6 * n * d * seq

@@ -414,8 +414,10 @@ def _matmul_params(model):
 
 
 def _attention_layers(model):
-  from training import model as model_lib  # pylint: disable=g-import-not-at-top
-  if isinstance(model, model_lib.CausalDotProductAttention):
+  """Sublayers that say their attention width (a `d_attn` that is not None:
+  `training.model.CausalDotProductAttention`, the sparse QKV attention's
+  `terraformer.sparse_qkv.DotProductCausalAttention`)."""
+  if getattr(model, 'd_attn', None) is not None:
     return [model]
   return [a for s in model.sublayers for a in _attention_layers(s)]
 
