@@ -189,8 +189,9 @@ def build_ours(kwargs, dtype=None):
 
 
 def ours_timer(kwargs, dtype):
-  """(facts about our model, measure): measure() times one round, in
-  seconds per token (the median of --repeats, see the module docstring)."""
+  """(facts about our model, measure, last): measure() times one round, in
+  seconds per token (the median of --repeats, see the module docstring),
+  and leaves that round's seconds per call in last['s_per_call']."""
   from training import trainer  # pylint: disable=g-import-not-at-top
   model, sampler, weights = build_ours(kwargs, dtype)
   params = trainer.count_params(model.weights)
