@@ -20,7 +20,10 @@ With both, --rounds R times them alternately, R rounds back to back per
 model (trax's later rounds continue its stream), and reports the medians of
 the rounds and the median of the per-round trax/ours ratios: a shared
 machine's bandwidth moves from minute to minute, and pairing the two
-measurements keeps such a change from landing on one impl only.
+measurements keeps such a change from landing on one impl only.  With
+--alternate_models every model is built first and each round times them
+all in turn; the "vs dense" column is then the median of the per-round
+ratios too.
 
 It also measures the machine's memory bandwidth (the better of an XLA copy
 of a large array, bytes read + written over time, and a matrix-vector
@@ -66,6 +69,10 @@ flags.DEFINE_integer('rounds', 1, 'with both impls: time ours and trax '
                      'alternately this many times per model (each round '
                      'both, back to back) and report the median of the '
                      'rounds and of their trax/ours ratios.')
+flags.DEFINE_bool('alternate_models', False, 'build every model first, then '
+                  'time them in turn in each of the --rounds; "vs dense" is '
+                  'then the median of the per-round ratios to the first model '
+                  '(holds all the models in memory at once).')
 flags.DEFINE_integer('max_len', 256, 'predict-mode cache length (both impls).')
 flags.DEFINE_integer('batch', 1, 'sequences decoded together.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'weight dtype (ours).')
@@ -282,40 +289,66 @@ def main(argv):
         f'{FLAGS.batch}, cache {FLAGS.max_len}, ours in {FLAGS.dtype}', flush=True)
   rows = []
   readings = [(copy_bw, matvec_bw)]
-  for i, variant in enumerate(FLAGS.variants):
-    if i:
-      readings.append(memory_bandwidth(FLAGS.bandwidth_mib)[1:])
+
+  def build(variant):
+    """(row, ours timer or None, ours' last round, trax timer or None)."""
     kwargs = model_kwargs(FLAGS.shape, variant)
     row = dict(variant=variant, **kwargs)
-    # Rounds alternate the impls, so that a shared machine's slow and fast
-    # minutes fall on both.
-    ours = trax = None
+    ours = trax = ours_last = None
     if 'ours' in FLAGS.impls:
       facts, ours, ours_last = ours_timer(kwargs, dtype)
       row['ours'] = dict(facts, rounds=[])
     if 'trax' in FLAGS.impls:
       trax = trax_timer(kwargs)
       row['trax'] = dict(rounds=[], rounds_mean=[])
+    return row, ours, ours_last, trax
+
+  def one_round(row, ours, trax, r):
+    tag = f' (round {r + 1}/{FLAGS.rounds})' if FLAGS.rounds > 1 else ''
+    if ours:
+      o = ours()
+      row['ours']['rounds'].append(o)
+      print(f"{row['variant']:14s} ours {o * 1e3:8.3f} ms/token, "
+            f"{row['ours']['params'] / 1e6:6.1f}M params, reads "
+            f"{row['ours']['weight_bytes'] / 1e6:7.1f} MB weights + "
+            f"{row['ours']['cache_bytes'] / 1e6:5.1f} MB cache{tag}", flush=True)
+    if trax:
+      t, t_mean = trax()
+      row['trax']['rounds'].append(t)
+      row['trax']['rounds_mean'].append(t_mean)
+      print(f"{row['variant']:14s} trax {t * 1e3:8.3f} ms/token{tag}", flush=True)
+
+  # Rounds alternate the impls (and with --alternate_models the models too),
+  # so that a shared machine's slow and fast minutes fall on all of them.
+  if FLAGS.alternate_models:
+    built = [build(v) for v in FLAGS.variants]
     for r in range(FLAGS.rounds):
-      tag = f' (round {r + 1}/{FLAGS.rounds})' if FLAGS.rounds > 1 else ''
-      if ours:
-        o = ours()
-        row['ours']['rounds'].append(o)
-        print(f"{variant:14s} ours {o * 1e3:8.3f} ms/token, "
-              f"{facts['params'] / 1e6:6.1f}M params, reads "
-              f"{facts['weight_bytes'] / 1e6:7.1f} MB weights + "
-              f"{facts['cache_bytes'] / 1e6:5.1f} MB cache{tag}", flush=True)
-      if trax:
-        t, t_mean = trax()
-        row['trax']['rounds'].append(t)
-        row['trax']['rounds_mean'].append(t_mean)
-        print(f"{variant:14s} trax {t * 1e3:8.3f} ms/token{tag}", flush=True)
+      for row, ours, _, trax in built:
+        one_round(row, ours, trax, r)
+  else:
+    built = []
+    for i, variant in enumerate(FLAGS.variants):
+      if i:
+        readings.append(memory_bandwidth(FLAGS.bandwidth_mib)[1:])
+      built.append(build(variant))
+      row, ours, _, trax = built[-1]
+      for r in range(FLAGS.rounds):
+        one_round(row, ours, trax, r)
+  for row, ours, ours_last, trax in built:
     if ours:
       row['ours']['s_per_token'] = float(np.median(row['ours']['rounds']))
       row['ours']['s_per_call'] = ours_last['s_per_call']
+      if FLAGS.alternate_models:  # the first model's time over this one's
+        first = built[0][0]['ours']['rounds']
+        row['ours']['vs_first'] = float(np.median(
+            [f / o for f, o in zip(first, row['ours']['rounds'])]))
     if trax:
       row['trax']['s_per_token'] = float(np.median(row['trax']['rounds']))
       row['trax']['s_per_token_mean'] = float(np.mean(row['trax']['rounds_mean']))
+      if FLAGS.alternate_models:
+        first = built[0][0]['trax']['rounds']
+        row['trax']['vs_first'] = float(np.median(
+            [f / t for f, t in zip(first, row['trax']['rounds'])]))
     if ours and trax:
       row['trax_over_ours'] = float(np.median(
           [t / o for t, o in zip(row['trax']['rounds'], row['ours']['rounds'])]))
@@ -343,13 +376,15 @@ def main(argv):
     if o:
       bo = base['ours']['s_per_token']
       cells += [f"{o['params'] / 1e6:.0f}M", f"{o['s_per_token'] * 1e3:.3f}",
-                f"{bo / o['s_per_token']:.2f}x", f"{o['floor_s'] * 1e3:.3f}",
+                f"{o.get('vs_first', bo / o['s_per_token']):.2f}x",
+                f"{o['floor_s'] * 1e3:.3f}",
                 f"{o['s_per_token'] / o['floor_s']:.2f}"]
     else:
       cells += ['', '', '', '', '']
     if t:
       bt = base['trax']['s_per_token']
-      cells += [f"{t['s_per_token'] * 1e3:.3f}", f"{bt / t['s_per_token']:.2f}x",
+      cells += [f"{t['s_per_token'] * 1e3:.3f}",
+                f"{t.get('vs_first', bt / t['s_per_token']):.2f}x",
                 f"{row['trax_over_ours']:.1f}x" if o else '']
     else:
       cells += ['', '', '']
