@@ -36,6 +36,8 @@ from absl import flags
 import jax
 import numpy as np
 
+from bench import timing  # pylint: disable=g-import-not-at-top
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('shape', 'small', ['small', 'tiny'], 'model size.')
 flags.DEFINE_list('variants', ['dense', 'sparse'], 'dense and/or sparse.')
@@ -110,8 +112,7 @@ def time_ours(kwargs, inputs):
     return time.perf_counter() - t
 
   run(n0), run(n1)  # compile both lengths
-  t0 = np.median([run(n0) for _ in range(FLAGS.repeats)])
-  t1 = np.median([run(n1) for _ in range(FLAGS.repeats)])
+  t0, t1 = timing.median_times(run, (n0, n1), FLAGS.repeats)
   per_token = (t1 - t0) / FLAGS.tokens
   return dict(params=trainer.count_params(weights), s_per_token=per_token,
               encode_s=t0 - n0 * per_token)
@@ -126,13 +127,8 @@ def time_trax(kwargs, inputs):
               shapes.ShapeDtype((1, 1), np.int32)))
   stream = decoding.autoregressive_sample_stream(
       model, inputs=inputs, batch_size=1, temperature=0.0)
-  stamps = []
-  for i, token in enumerate(stream):
-    jax.block_until_ready(token)
-    stamps.append(time.perf_counter())
-    if i + 1 == FLAGS.warmup + FLAGS.tokens:
-      break
-  gaps = np.diff(stamps[FLAGS.warmup - 1:])
+  timing.stream_stamps(stream, FLAGS.warmup - 1)
+  gaps = np.diff(timing.stream_stamps(stream, FLAGS.tokens + 1))
   return dict(s_per_token=float(np.median(gaps)))
 
 

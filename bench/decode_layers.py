@@ -11,7 +11,6 @@ token's time goes, e.g. why a sparse layer is not yet at its bandwidth floor.
 
 import os
 import sys
-import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,6 +20,8 @@ from absl import flags
 import jax
 from jax import numpy as jnp
 import numpy as np
+
+from bench import timing  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('d_model', 1024, 'width.')
@@ -78,12 +79,7 @@ def time_layer(layer, d, dtype):
   # Compiled with the Sampler's decoding options (on a CPU, without XLA's
   # YNNPACK fusions), so each layer runs as it does inside a decoded token.
   run = jax.jit(run, compiler_options=sampling.decode_compiler_options())
-  jax.block_until_ready(run(weights, state, x0))
-  best = float('inf')
-  for _ in range(5):
-    t = time.perf_counter()
-    jax.block_until_ready(run(weights, state, x0))
-    best = min(best, time.perf_counter() - t)
+  best, _ = timing.best_time(run, weights, state, x0)
   n_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(weights))
   return best / FLAGS.steps, n_bytes
 

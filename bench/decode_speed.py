@@ -57,6 +57,8 @@ import jax
 from jax import numpy as jnp
 import numpy as np
 
+from bench import timing  # pylint: disable=g-import-not-at-top
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('shape', '800m', ['800m', 'small', 'tiny'], 'model size.')
 flags.DEFINE_list('variants', ['dense', 'sparse_ff', 'sparse_qkv', 'sparse_ff_qkv'],
@@ -116,26 +118,16 @@ def model_kwargs(shape, variant):
               attention_kernel_size=3)
 
 
-def _best_time(f, *args):
-  jax.block_until_ready(f(*args))
-  best = float('inf')
-  for _ in range(5):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    best = min(best, time.perf_counter() - t)
-  return best
-
-
 def memory_bandwidth(mib):
   """Bytes per second, the better of two XLA measurements on `mib` MiB:
   a copy (bytes read + written) and a matrix-vector product (bytes read;
   on a CPU XLA spreads a dot over all cores but a copy may use one)."""
   n = mib * 2**20 // 4
   x = jnp.ones((n,), jnp.float32)
-  copy = 2 * n * 4 / _best_time(jax.jit(lambda a: a * 1.0001), x)
+  copy = 2 * n * 4 / timing.best_time(jax.jit(lambda a: a * 1.0001), x)[0]
   m = jnp.ones((n // 4096, 4096), jnp.float32)
   v = jnp.ones((4096,), jnp.float32)
-  matvec = n * 4 / _best_time(jax.jit(lambda a, b: a @ b), m, v)
+  matvec = n * 4 / timing.best_time(jax.jit(lambda a, b: a @ b), m, v)[0]
   del x, m
   return max(copy, matvec), copy, matvec
 
@@ -215,8 +207,7 @@ def ours_timer(kwargs, dtype):
   last = {}
 
   def measure():
-    t0 = np.median([run(n0) for _ in range(FLAGS.repeats)])
-    t1 = np.median([run(n1) for _ in range(FLAGS.repeats)])
+    t0, t1 = timing.median_times(run, (n0, n1), FLAGS.repeats)
     last['s_per_call'] = t1 / n1
     return (t1 - t0) / FLAGS.tokens
 
@@ -250,17 +241,10 @@ def trax_timer(kwargs):
   stream = decoding.autoregressive_sample_stream(
       model, batch_size=FLAGS.batch, temperature=0.0)
 
-  def stamps(n):
-    out = []
-    for _ in range(n):
-      jax.block_until_ready(next(stream))
-      out.append(time.perf_counter())
-    return out
-
-  stamps(FLAGS.warmup - 1)
+  timing.stream_stamps(stream, FLAGS.warmup - 1)
 
   def measure():
-    gaps = np.diff(stamps(FLAGS.tokens + 1))
+    gaps = np.diff(timing.stream_stamps(stream, FLAGS.tokens + 1))
     return float(np.median(gaps)), float(np.mean(gaps))
 
   return measure

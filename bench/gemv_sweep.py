@@ -9,7 +9,10 @@ microseconds per matrix and the bandwidth that implies.
     python bench/gemv_sweep.py            # on the GPU machine
 """
 import itertools
-import time
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import timing  # pylint: disable=g-import-not-at-top
 from training import gemv as gemv_lib
 from training import model as model_lib
 
@@ -58,13 +62,7 @@ def _time(matmul, ws, x, iters):
   def loop(x, ws):
     return jax.lax.fori_loop(0, iters, lambda i, x: step(x, ws), x)
 
-  out = loop(x, ws)
-  out.block_until_ready()
-  best = float('inf')
-  for _ in range(3):
-    t0 = time.perf_counter()
-    loop(x, ws).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
+  best, out = timing.best_time(loop, x, ws, repeats=3)
   return best / iters / len(ws), np.asarray(out)
 
 
