@@ -84,6 +84,7 @@ flags.DEFINE_enum('one_row_gemm', 'auto', ['auto', 'on', 'off'],
                   'training.model.ONE_ROW_AS_GEMM: how Dense multiplies one '
                   'row (auto: a two-row GEMM off the CPU).')
 flags.DEFINE_bool('cpu_kernels_out_in', True, 'On a CPU, hand Dense layers their kernels transposed (training.sampling.CPU_KERNELS_OUT_IN).')
+flags.DEFINE_bool('gpu_kernels_out_in', False, 'Off a CPU, hand Dense layers their kernels transposed too (training.sampling.GPU_KERNELS_OUT_IN).')
 flags.DEFINE_string('one_row_gpu', '',
                     'Overrides of training.model.ONE_ROW_GPU_FORMS, e.g. '
                     '"ff=gemv,attention=gemv,head=gemv" (training.model.ONE_ROW_FORMS).')
@@ -182,6 +183,7 @@ def build_ours(kwargs, dtype=None):
   from training import trainer  # pylint: disable=g-import-not-at-top
   model = models.TerraformerLM(mode='predict', max_len=FLAGS.max_len, **kwargs)
   sampling.CPU_KERNELS_OUT_IN = FLAGS.cpu_kernels_out_in
+  sampling.GPU_KERNELS_OUT_IN = FLAGS.gpu_kernels_out_in
   sampler = sampling.Sampler(model, batch_size=FLAGS.batch, compute_dtype=dtype)
   weights = jax.device_put(trainer.cast_floats(model.weights, dtype))
   return model, sampler, weights

@@ -3,7 +3,9 @@
 Chains of products over distinct weight matrices of the 800M decoder's
 shapes (more bytes than the L2 holds), timed in an on-device loop, for:
 XLA's own dot, `training.model.two_row_gemm`, and
-`training.gemv.gemv` (a Pallas kernel) at a few tilings.  Prints a table of
+`training.gemv.gemv` (a Pallas kernel) at a few tilings; and, with the
+matrices stored transposed (d_out, d_in), `training.model.out_in_dot` and
+`training.gemv.gemv_out_in` at a few tilings.  Prints a table of
 microseconds per matrix and the bandwidth that implies.
 
     python bench/gemv_sweep.py            # on the GPU machine
@@ -33,6 +35,9 @@ flags.DEFINE_list('bn', ['64', '128', '256'], 'block_n values swept.')
 flags.DEFINE_list('bk', ['16', '32'], 'block_k values swept.')
 flags.DEFINE_list('warps', ['4'], 'num_warps values swept.')
 flags.DEFINE_list('split', ['1', '2', '4', '8'], 'split_k values swept.')
+flags.DEFINE_list('out_in_bn', ['4', '8', '16'], 'block_n values swept (out-in kernel).')
+flags.DEFINE_list('out_in_bk', ['256', '512', '1024'], 'block_k values swept (out-in kernel).')
+flags.DEFINE_list('out_in_warps', ['4', '8'], 'num_warps values swept (out-in kernel).')
 flags.DEFINE_bool('interpret', False, 'Run the Pallas kernel interpreted (a CPU check).')
 
 CHAINS = {
@@ -42,12 +47,13 @@ CHAINS = {
 }
 
 
-def _chain_fn(matmul):
-  """One pass over the chain: each product's row feeds the next matrix."""
+def _chain_fn(matmul, out_in=False):
+  """One pass over the chain: each product's row feeds the next matrix
+  (stored (d_out, d_in) if out_in)."""
   def step(x, ws):
     for i, w in enumerate(ws):
       y = matmul(x, w)
-      k_next = ws[(i + 1) % len(ws)].shape[0]
+      k_next = ws[(i + 1) % len(ws)].shape[1 if out_in else 0]
       x = y[..., :k_next] if y.shape[-1] >= k_next else jnp.tile(
           y, (1, k_next // y.shape[-1]))
       x = jax.nn.relu(x) * 0.01
@@ -55,8 +61,8 @@ def _chain_fn(matmul):
   return step
 
 
-def _time(matmul, ws, x, iters):
-  step = _chain_fn(matmul)
+def _time(matmul, ws, x, iters, out_in=False):
+  step = _chain_fn(matmul, out_in)
 
   @jax.jit
   def loop(x, ws):
@@ -89,10 +95,24 @@ def main(argv):
                             split_k=c[3], interpret=FLAGS.interpret)))
     methods.append(('pallas default', lambda x, w: gemv_lib.gemv(
         x, w, interpret=FLAGS.interpret)))
+    methods = [(label, fn, False) for label, fn in methods]
+    methods.append(('out-in xla dot', model_lib.out_in_dot, True))
+    if FLAGS.sweep:
+      for bn, bk, warps in itertools.product(*[map(int, v) for v in (
+          FLAGS.out_in_bn, FLAGS.out_in_bk, FLAGS.out_in_warps)]):
+        methods.append((f'out-in pallas bn={bn} bk={bk} w={warps}',
+                        lambda x, w, c=(bn, bk, warps): gemv_lib.gemv_out_in(
+                            x, w, block_n=c[0], block_k=c[1], num_warps=c[2],
+                            interpret=FLAGS.interpret), True))
+    methods.append(('out-in pallas default', lambda x, w: gemv_lib.gemv_out_in(
+        x, w, interpret=FLAGS.interpret), True))
+    ws_t = None
     reference = None
-    for label, fn in methods:
+    for label, fn, out_in in methods:
+      if out_in and ws_t is None:
+        ws_t = [jnp.asarray(w.T) for w in ws]
       try:
-        sec, out = _time(fn, ws, x, FLAGS.iters)
+        sec, out = _time(fn, ws_t if out_in else ws, x, FLAGS.iters, out_in)
       except Exception as e:  # pylint: disable=broad-except
         print(f'{name} {label}: failed: {type(e).__name__}: {str(e)[:200]}')
         continue

@@ -52,3 +52,37 @@ def test_default_tiling_fits_the_decoder_shapes():
                       (1024, 6144), (6144, 1024), (1024, 32000)]:
     block_n, block_k, _, split_k = gemv_lib.default_tiling(d_in, d_out)
     gemv_lib.check_shapes(d_in, d_out, block_n, block_k, split_k)
+
+
+@pytest.mark.parametrize('d_out,d_in,tiling', [
+    (96, 64, {}),
+    (3072, 1024, {}),
+    (64, 128, dict(block_n=4, block_k=32)),
+    (8, 256, dict(block_n=8, block_k=256)),
+])
+def test_gemv_out_in_equals_the_product(d_out, d_in, tiling):
+  """gemv_out_in(x, W_t) = x W_t^T (float64 reference) for a kernel stored
+  (d_out, d_in)."""
+  x = jax.random.normal(jax.random.PRNGKey(5), (1, 1, d_in))
+  w_t = jax.random.normal(jax.random.PRNGKey(6), (d_out, d_in))
+  want = np.asarray(x, np.float64) @ np.asarray(w_t, np.float64).T
+  got = gemv_lib.gemv_out_in(x, w_t, interpret=True, **tiling)
+  assert got.shape == (1, 1, d_out) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('shape,tiling,needle', [
+    ((3, 64), {}, 'one row'),
+    ((1, 64), dict(block_n=3), 'block_n=3'),
+    ((1, 64), dict(block_k=48), 'block_k=48'),
+])
+def test_gemv_out_in_bad_tiling_is_named(shape, tiling, needle):
+  w_t = jnp.zeros((96, shape[-1]))
+  with pytest.raises(ValueError, match=needle):
+    gemv_lib.gemv_out_in(jnp.zeros(shape), w_t, interpret=True, **tiling)
+
+
+def test_default_out_in_tiling_fits_the_decoder_shapes():
+  for d_in, d_out in [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024),
+                      (1024, 6144), (6144, 1024), (1024, 32000)]:
+    assert gemv_lib.fits_out_in(d_out, d_in)

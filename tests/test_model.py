@@ -173,3 +173,27 @@ def test_dense_predict_one_row_gemm_equals_eval(monkeypatch):
   monkeypatch.setattr(model_lib, 'ONE_ROW_AS_GEMM', True)
   _assert_decoding_equals_eval(jax.random.randint(jax.random.PRNGKey(5), (1, 6), 0, 50),
                                prefill=1)
+
+
+def test_dense_out_in_one_row_takes_the_pallas_kernel(monkeypatch):
+  """A Dense given its kernel transposed multiplies a single row through
+  training.gemv.gemv_out_in where its role's form is 'gemv' (run by Pallas's
+  interpreter here), and gives x W + b; more rows take out_in_dot."""
+  monkeypatch.setattr(model_lib, 'GEMV_ON_CPU', True)
+  monkeypatch.setattr(model_lib, 'ONE_ROW_GPU_FORMS',
+                      {'ff': 'gemv', 'attention': 'dot', 'head': 'dot'})
+  calls = []
+  real = model_lib.gemv_lib.gemv_out_in
+  monkeypatch.setattr(model_lib.gemv_lib, 'gemv_out_in',
+                      lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+  rng = np.random.RandomState(0)
+  w, b = rng.randn(64, 96).astype(np.float32), rng.randn(96).astype(np.float32)
+  for role, n_rows, expect_calls in (('ff', 1, 1), ('attention', 1, 1), ('ff', 3, 1)):
+    layer = model_lib.Dense(96, role=role)
+    layer.use_kernel_out_in()
+    x = rng.randn(1, n_rows, 64).astype(np.float32)
+    layer.init(shapes.signature(x))
+    layer.weights = (jnp.asarray(w.T), jnp.asarray(b))
+    np.testing.assert_allclose(layer(x), x @ w + b, rtol=1e-5, atol=1e-4)
+    assert len(calls) == expect_calls, (role, n_rows, calls)
+  assert calls == [(96, 64)]

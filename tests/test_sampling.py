@@ -145,3 +145,19 @@ def test_weak_reference_of_a_leaf_without_one_matches_nothing():
   leaf = np.ones((2,), np.float32)
   assert sampling._weak(leaf)() is leaf
   assert sampling._weak(np.float32(1.0))() is None  # numpy scalars take none
+
+
+def test_gpu_kernels_out_in_switch(monkeypatch):
+  """Off a CPU the Sampler hands Dense kernels over transposed only with
+  GPU_KERNELS_OUT_IN; on a CPU, CPU_KERNELS_OUT_IN decides alone."""
+  cases = [('cpu', True, False, True), ('cpu', False, True, False),
+           ('gpu', True, False, False), ('gpu', False, True, True)]
+  for backend, cpu_flag, gpu_flag, marked in cases:
+    monkeypatch.setattr(sampling, 'CPU_KERNELS_OUT_IN', cpu_flag)
+    monkeypatch.setattr(sampling, 'GPU_KERNELS_OUT_IN', gpu_flag)
+    monkeypatch.setattr(sampling.jax, 'default_backend', lambda b=backend: b)
+    model = model_lib.DecoderLM(mode='predict', **CFG)
+    model.init(shapes.ShapeDtype((1, 1), np.int32))
+    mask = sampling.decoding_out_in(model)
+    assert (mask is not None and sum(mask) == 9) == marked, (backend, cpu_flag, gpu_flag)
+    assert all(d._kernel_out_in == marked for d in _dense_layers(model))

@@ -122,3 +122,73 @@ def gemv(x, w, *, block_n=None, block_k=None, num_warps=None, split_k=None,
   y = partial[0] if split_k == 1 else jnp.sum(partial, axis=0)
   return y.astype(out_dtype).reshape(x.shape[:-1] + (d_out,))
 
+
+
+def default_tiling_out_in(d_out, d_in):
+  """(block_n, block_k, num_warps) for a kernel stored (d_out, d_in)."""
+  block_n = _largest_divisor(d_out, (8, 4, 16, 2, 1))
+  block_k = _largest_divisor(d_in, (512, 256, 128, 64, 32, 16))
+  return block_n, block_k, 4
+
+
+def check_shapes_out_in(d_out, d_in, block_n, block_k):
+  """Raises ValueError unless the tiling covers a (d_out, d_in) kernel."""
+  if not block_n or d_out % block_n or not _power_of_2(block_n):
+    raise ValueError(f'gemv_out_in: block_n={block_n} must be a power of 2 '
+                     f'dividing d_out={d_out}')
+  if not block_k or d_in % block_k or not _power_of_2(block_k):
+    raise ValueError(f'gemv_out_in: block_k={block_k} must be a power of 2 '
+                     f'dividing d_in={d_in}')
+
+
+def fits_out_in(d_out, d_in):
+  """Whether the default out-in tiling covers a (d_out, d_in) kernel."""
+  try:
+    check_shapes_out_in(d_out, d_in, *default_tiling_out_in(d_out, d_in)[:2])
+  except ValueError:
+    return False
+  return True
+
+
+def gemv_out_in(x, w_t, *, block_n=None, block_k=None, num_warps=None,
+                interpret=False):
+  """x @ w_t.T for x (..., d_in) holding one row and w_t (d_out, d_in).
+
+  With the kernel stored transposed each output is the sum along one
+  contiguous row of weights: a program of the grid reads `block_n` whole
+  rows, `block_k` columns at a time, and writes its `block_n` outputs; no
+  partial sums are left to add up afterwards.
+  """
+  d_out, d_in = w_t.shape
+  if x.shape[-1] != d_in or x.size != d_in:
+    raise ValueError(f'gemv_out_in: x must be one row of {d_in}, got {x.shape}')
+  tiling = default_tiling_out_in(d_out, d_in)
+  block_n = block_n or tiling[0]
+  block_k = block_k or tiling[1]
+  num_warps = num_warps or tiling[2]
+  check_shapes_out_in(d_out, d_in, block_n, block_k)
+  out_dtype = jnp.result_type(x.dtype, w_t.dtype)
+
+  def kernel(x_ref, w_ref, o_ref):
+    def body(i, acc):
+      xs = x_ref[pl.ds(i * block_k, block_k)].astype(jnp.float32)
+      ws = w_ref[:, pl.ds(i * block_k, block_k)].astype(jnp.float32)
+      return acc + ws * xs[None, :]
+    acc = jax.lax.fori_loop(0, d_in // block_k, body,
+                            jnp.zeros((block_n, block_k), jnp.float32))
+    o_ref[...] = jnp.sum(acc, axis=1)
+
+  params = {}
+  if pl_triton is not None and not interpret:
+    params['compiler_params'] = pl_triton.CompilerParams(num_warps=num_warps)
+  y = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((d_out,), jnp.float32),
+      grid=(d_out // block_n,),
+      in_specs=[pl.BlockSpec((d_in,), lambda j: (0,)),
+                pl.BlockSpec((block_n, d_in), lambda j: (j, 0))],
+      out_specs=pl.BlockSpec((block_n,), lambda j: (j,)),
+      interpret=interpret,
+      **params,
+  )(x.reshape(d_in), w_t)
+  return y.astype(out_dtype).reshape(x.shape[:-1] + (d_out,))

@@ -112,6 +112,20 @@ def one_row_dot(x, w, role='ff'):
   return jax.lax.platform_dependent(x, w, cpu=jnp.dot, default=gpu)
 
 
+def one_row_dot_out_in(x, w_t, role='ff'):
+  """x @ w_t.T for a kernel stored (d_out, d_in): `out_in_dot`, except that
+  a single row whose role takes the 'gemv' form goes, off the CPU, through
+  `training.gemv.gemv_out_in` (one Pallas program per few contiguous rows of
+  weights)."""
+  if (math.prod(x.shape[:-1]) != 1 or ONE_ROW_GPU_FORMS.get(role) != 'gemv'
+      or not gemv_lib.fits_out_in(*w_t.shape)):
+    return out_in_dot(x, w_t)
+  if GEMV_ON_CPU:
+    return gemv_lib.gemv_out_in(x, w_t, interpret=jax.default_backend() == 'cpu')
+  return jax.lax.platform_dependent(x, w_t, cpu=out_in_dot,
+                                    default=gemv_lib.gemv_out_in)
+
+
 def out_in_dot(x, w_t):
   """x @ w_t.T for x (..., d_in) and w_t (d_out, d_in), a kernel stored
   transposed: XLA:CPU multiplies a row by the (d_out, d_in) matrix (each
@@ -153,7 +167,7 @@ class Dense(tl.Dense):
 
   def forward(self, x):
     w, b = self.weights if self._use_bias else (self.weights, None)
-    y = (out_in_dot(x, w) if self._kernel_out_in
+    y = (one_row_dot_out_in(x, w, self._role) if self._kernel_out_in
          else one_row_dot(x, w, self._role))
     return y if b is None else y + b
 

@@ -89,6 +89,9 @@ def decode_compiler_options():
 # The transposed kernels are made once per weight tree and kept while that
 # tree's arrays live (so decoding holds those kernels twice).
 CPU_KERNELS_OUT_IN = True
+# The same off the CPU (GPU, TPU): the Dense layers then multiply a single row
+# by `training.model.one_row_dot_out_in`.
+GPU_KERNELS_OUT_IN = False
 
 
 def out_in_kernels(model):
@@ -120,8 +123,10 @@ def out_in_kernels(model):
 
 def decoding_out_in(model):
   """`out_in_kernels(model)` when decoding hands kernels over transposed
-  (CPU_KERNELS_OUT_IN, on a CPU); None otherwise (nothing marked)."""
-  if CPU_KERNELS_OUT_IN and jax.default_backend() == 'cpu':
+  (CPU_KERNELS_OUT_IN on a CPU, GPU_KERNELS_OUT_IN elsewhere); None
+  otherwise (nothing marked)."""
+  on_cpu = jax.default_backend() == 'cpu'
+  if CPU_KERNELS_OUT_IN if on_cpu else GPU_KERNELS_OUT_IN:
     return out_in_kernels(model)
   return None
 
