@@ -84,7 +84,7 @@ flags.DEFINE_enum('one_row_gemm', 'auto', ['auto', 'on', 'off'],
                   'training.model.ONE_ROW_AS_GEMM: how Dense multiplies one '
                   'row (auto: a two-row GEMM off the CPU).')
 flags.DEFINE_bool('cpu_kernels_out_in', True, 'On a CPU, hand Dense layers their kernels transposed (training.sampling.CPU_KERNELS_OUT_IN).')
-flags.DEFINE_bool('gpu_kernels_out_in', False, 'Off a CPU, hand Dense layers their kernels transposed too (training.sampling.GPU_KERNELS_OUT_IN).')
+flags.DEFINE_bool('gpu_kernels_out_in', True, 'Off a CPU, hand Dense layers their kernels transposed too (training.sampling.GPU_KERNELS_OUT_IN).')
 flags.DEFINE_string('one_row_gpu', '',
                     'Overrides of training.model.ONE_ROW_GPU_FORMS, e.g. '
                     '"ff=gemv,attention=gemv,head=gemv" (training.model.ONE_ROW_FORMS).')

@@ -20,6 +20,14 @@ feed-forward's.  On the 32000-wide head it is level with XLA (51 us, 2.5
 TB/s, at split_k 4).  In the whole decoding loop the gain was not clear
 against the spread between runs, so no role uses it by default
 (`training.model.ONE_ROW_GPU_FORMS`; BENCHMARKS.md, H100 2026-12-06).
+
+`gemv_out_in` is the same product for a kernel stored transposed, (d_out,
+d_in), as the Sampler hands kernels over by default: each program reads a
+few whole contiguous rows and no partial sums are left.  On the H100
+(bench/results/gemv_sweep_h100_s22.txt) its best tiling took 5.36 us per
+attention matrix and 8.50 us per feed-forward matrix, while XLA's own dot
+over the transposed kernel took 4.54 and 7.50 us (1.85 and 2.24 TB/s), so
+the out-in layers use XLA's dot unless a role asks for 'gemv'.
 """
 import jax
 from jax.experimental import pallas as pl
@@ -125,10 +133,15 @@ def gemv(x, w, *, block_n=None, block_k=None, num_warps=None, split_k=None,
 
 
 def default_tiling_out_in(d_out, d_in):
-  """(block_n, block_k, num_warps) for a kernel stored (d_out, d_in)."""
-  block_n = _largest_divisor(d_out, (8, 4, 16, 2, 1))
-  block_k = _largest_divisor(d_in, (512, 256, 128, 64, 32, 16))
-  return block_n, block_k, 4
+  """(block_n, block_k, num_warps) for a kernel stored (d_out, d_in).
+
+  The best of an H100 sweep (block_n 4-16, block_k 256-1024, 4 or 8 warps)
+  on the attention matrices and within 3% of it on the feed-forward's:
+  block_n 4, block_k 512, 8 warps.
+  """
+  block_n = _largest_divisor(d_out, (4, 8, 2, 16, 1))
+  block_k = _largest_divisor(d_in, (512, 256, 1024, 128, 64, 32, 16))
+  return block_n, block_k, 8
 
 
 def check_shapes_out_in(d_out, d_in, block_n, block_k):

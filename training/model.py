@@ -66,10 +66,12 @@ class LayerNorm(tl.LayerNorm):
 # How `Dense` multiplies a single row (one decoded token) off the CPU, by the
 # layer's role: 'dot' (XLA's own form, a multiply-and-reduce fusion), 'gemm'
 # (two copies of the row: a GEMM) or 'gemv' (`training.gemv`'s Pallas kernel;
-# 'gemm' where its tiling does not fit the matrix).  A CPU runs a plain dot
-# (the Sampler, decoding on a CPU, hands Dense its kernel transposed and the
-# layer runs `out_in_dot`).  ONE_ROW_AS_GEMM True / False forces the two-row
-# / plain form everywhere, the CPU included.
+# 'gemm' where its tiling does not fit the matrix).  A CPU runs a plain dot.
+# The Sampler, decoding, by default hands Dense its kernel transposed
+# (training.sampling.CPU_KERNELS_OUT_IN / GPU_KERNELS_OUT_IN); the layer then
+# runs `one_row_dot_out_in`, where only the 'gemv' form differs from
+# `out_in_dot`.  ONE_ROW_AS_GEMM True / False forces the two-row / plain form
+# everywhere, the CPU included, for kernels stored (d_in, d_out).
 ONE_ROW_FORMS = ('dot', 'gemm', 'gemv')
 ONE_ROW_GPU_FORMS = {'ff': 'gemm', 'attention': 'dot', 'head': 'dot'}
 ONE_ROW_AS_GEMM = None
@@ -144,8 +146,8 @@ class Dense(tl.Dense):
   A single row (batch 1, one position: a decoding step) is multiplied by
   `one_row_dot` in the form ONE_ROW_GPU_FORMS gives `role` ('ff',
   'attention' or 'head').  After `use_kernel_out_in()` (the Sampler calls it
-  when decoding on a CPU, and then hands the layer its kernel transposed,
-  (n_units, d_in)) the layer multiplies by `out_in_dot` instead.
+  by default, and then hands the layer its kernel transposed, (n_units,
+  d_in)) the layer multiplies by `one_row_dot_out_in` instead.
   """
 
   def __init__(self, n_units, role='ff', **kwargs):

@@ -90,8 +90,11 @@ def decode_compiler_options():
 # tree's arrays live (so decoding holds those kernels twice).
 CPU_KERNELS_OUT_IN = True
 # The same off the CPU (GPU, TPU): the Dense layers then multiply a single row
-# by `training.model.one_row_dot_out_in`.
-GPU_KERNELS_OUT_IN = False
+# by `training.model.one_row_dot_out_in`.  On an H100 (2026-12-06,
+# BENCHMARKS.md) XLA:GPU read a row's product with the (d_out, d_in) matrix at
+# 1.85-2.24 TB/s against 1.4-1.9 TB/s for the (d_in, d_out) forms, and the
+# 800M dense decoder took 0.95-0.99 ms/token against 1.15-1.18 ms/token.
+GPU_KERNELS_OUT_IN = True
 
 
 def out_in_kernels(model):
@@ -184,9 +187,10 @@ class Sampler:
     input_len: for an encoder-decoder (n_in 2), the length of the encoder
       inputs it is initialised for (required then; unused otherwise).
 
-  On a CPU it marks the model's `training.model.Dense` layers to take their
-  kernels transposed (`out_in_kernels`), and hands them over that way; run
-  the model through the Sampler from then on.
+  It marks the model's `training.model.Dense` layers to take their kernels
+  transposed (`out_in_kernels`; CPU_KERNELS_OUT_IN on a CPU,
+  GPU_KERNELS_OUT_IN elsewhere, both on by default), and hands them over
+  that way; run the model through the Sampler from then on.
   """
 
   def __init__(self, predict_model, batch_size=1, compute_dtype=None,
