@@ -37,6 +37,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('variant', 'dense', 'one of decode_speed.VARIANTS.')
 flags.DEFINE_integer('top', 25, 'kernel names listed.')
 flags.DEFINE_string('hlo_out', None, 'write the optimized HLO of the loop here.')
+flags.DEFINE_integer('sequence', 0, 'also list this many consecutive kernels '
+                     '(name, us, gap before) from the middle of the trace.')
 
 
 def device_events(trace_dir):
@@ -108,6 +110,13 @@ def main(argv):
   for name, ds in rows[:FLAGS.top]:
     print(f'| {name[:70]} | {len(ds) / per:.1f} | {np.median(ds):.2f} | '
           f'{sum(ds) / per / 1e3:.4f} | {sum(ds) / busy:.1%} |')
+  if FLAGS.sequence:
+    start = len(events) // 2
+    print(f'\n{FLAGS.sequence} consecutive kernels from event {start}:')
+    for i in range(start, min(start + FLAGS.sequence, len(events))):
+      name, s, d = events[i]
+      gap = s - events[i - 1][1] - events[i - 1][2]
+      print(f'  {d:7.2f} us  gap {gap:6.2f}  {name[:90]}')
   small = [d for _, _, d in events if d < 3.0]
   print(f'\nkernels under 3 us: {len(small) / per:.1f} per token, '
         f'{sum(small) / per / 1e3:.3f} ms/token')
