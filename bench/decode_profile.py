@@ -78,7 +78,8 @@ def main(argv):
   wall = time.perf_counter() - t
   if FLAGS.hlo_out:
     lowered = sampler._generate.lower(  # pylint: disable=protected-access
-        weights, jax.numpy.asarray(prompt), jax.random.PRNGKey(0), n, 0.0, None)
+        sampler._decoding_weights(weights),  # as generate hands them over
+        jax.numpy.asarray(prompt), jax.random.PRNGKey(0), n, 0.0, None)
     with open(FLAGS.hlo_out, 'w') as f:
       f.write(lowered.compile().as_text())
   trace_dir = tempfile.mkdtemp()
