@@ -92,7 +92,7 @@ CPU_KERNELS_OUT_IN = True
 # The same off the CPU (GPU, TPU): the Dense layers then multiply a single row
 # by `training.model.one_row_dot_out_in`.  On an H100 (2026-12-06,
 # BENCHMARKS.md) XLA:GPU read a row's product with the (d_out, d_in) matrix at
-# 1.85-2.24 TB/s against 1.4-1.9 TB/s for the (d_in, d_out) forms, and the
+# 1.85-2.32 TB/s against 1.1-1.9 TB/s for the (d_in, d_out) forms, and the
 # 800M dense decoder took 0.95-0.99 ms/token against 1.15-1.18 ms/token.
 GPU_KERNELS_OUT_IN = True
 
