@@ -84,6 +84,7 @@ flags.DEFINE_enum('one_row_gemm', 'auto', ['auto', 'on', 'off'],
                   'training.model.ONE_ROW_AS_GEMM: how Dense multiplies one '
                   'row (auto: a two-row GEMM off the CPU).')
 flags.DEFINE_bool('cpu_kernels_out_in', True, 'On a CPU, hand Dense layers their kernels transposed (training.sampling.CPU_KERNELS_OUT_IN).')
+flags.DEFINE_bool('decoding_forms', True, 'Hand layers that offer one their weights in a decoding form (training.sampling.DECODING_FORMS): ConvQKV its kernels side by side.')
 flags.DEFINE_bool('gpu_kernels_out_in', True, 'Off a CPU, hand Dense layers their kernels transposed too (training.sampling.GPU_KERNELS_OUT_IN).')
 flags.DEFINE_string('one_row_gpu', '',
                     'Overrides of training.model.ONE_ROW_GPU_FORMS, e.g. '
@@ -184,6 +185,7 @@ def build_ours(kwargs, dtype=None):
   model = models.TerraformerLM(mode='predict', max_len=FLAGS.max_len, **kwargs)
   sampling.CPU_KERNELS_OUT_IN = FLAGS.cpu_kernels_out_in
   sampling.GPU_KERNELS_OUT_IN = FLAGS.gpu_kernels_out_in
+  sampling.DECODING_FORMS = FLAGS.decoding_forms
   sampler = sampling.Sampler(model, batch_size=FLAGS.batch, compute_dtype=dtype)
   weights = jax.device_put(trainer.cast_floats(model.weights, dtype))
   return model, sampler, weights

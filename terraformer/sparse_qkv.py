@@ -248,6 +248,10 @@ class LocallyConvDense(base.Layer):
   def n_modules(self):
     return self._n_modules
 
+  @property
+  def n_units(self):
+    return self._n_units
+
   def matmul_params(self):
     """The kernel's weights times the modules it is applied at (FLOP counting)."""
     return int(self.weights[0].size) * self._n_modules
@@ -375,6 +379,13 @@ class ConvQKV(base.Layer):
   their kernels side by side (V's narrower kernel padded with zeros over
   the module axis): per token one state update and one small matmul instead
   of three of each.  The sums are the same as the separate layers'.
+
+  `use_decoding_form()` (the Sampler calls it on a predict-mode layer) has
+  the layer take its weights with those side-by-side kernels already made:
+  the first conv of each group holds the group's (kernel, bias), the others
+  (); the returned function makes that form from trax's weights once per
+  weight tree.  Inside a GPU's decoding loop XLA rebuilds the side-by-side
+  kernel at every token otherwise (it does not hoist it out of the loop).
   """
 
   def __init__(self, sparsity, d_module, length_kernel_size, share_qk,
@@ -397,6 +408,31 @@ class ConvQKV(base.Layer):
     self._v_concat_type = v_concat_type
     self._sparsity = sparsity
     self._predict = mode == 'predict'
+    self._combined = False  # weights in the decoding form (see the docstring)
+
+  def _groups(self):
+    """The convs computed as one convolution: lists of indices into _convs."""
+    every = list(range(len(self._convs)))
+    return [every] if self._v_concat_type == 'none' else [every[:-1], every[-1:]]
+
+  def use_decoding_form(self):
+    """Switches a predict-mode layer to weights with each group's kernels
+    side by side (see the class docstring) and returns the function that
+    makes them from trax's weights; None (and no switch) in other modes."""
+    if not self._predict:
+      return None
+    self._combined = True
+    return self.decoding_form
+
+  def decoding_form(self, weights):
+    """trax's weights (the convs', then the history's ()) -> the decoding form."""
+    weights = list(weights)
+    for group in self._groups():
+      convs = [self._convs[i] for i in group]
+      weights[group[0]] = _side_by_side(convs, [weights[i] for i in group])
+      for i in group[1:]:
+        weights[i] = ()
+    return tuple(weights)
 
   def forward(self, inputs):
     m, x = inputs
@@ -416,11 +452,12 @@ class ConvQKV(base.Layer):
         [m, x], axis=-1)
     if self._history.n_past:
       window = self._history.extend(window)
+    together = lambda convs, window: _convolve_together(
+        convs, window, convs[0].weights if self._combined else None)
     if self._v_concat_type == 'none':
-      return _convolve_together(self._convs, window)
-    qk = _convolve_together(self._convs[:-1], window[..., :d])
-    v = _convolve_together(self._convs[-1:],
-                           v_input(window[..., :d], window[..., d:]))
+      return together(self._convs, window)
+    qk = together(self._convs[:-1], window[..., :d])
+    v = together(self._convs[-1:], v_input(window[..., :d], window[..., d:]))
     return qk + v
 
   def init_weights_and_state(self, input_signature):
@@ -436,32 +473,41 @@ class ConvQKV(base.Layer):
     self.weights, self.state = tuple(weights), tuple(states)
 
 
-def _convolve_together(convs, window):
-  """[conv(window) for conv in convs] in 'predict' mode, as one convolution.
+def _side_by_side(convs, weights):
+  """(kernel, bias) of `convs` (with these weights) as one convolution.
 
   The convs share n_modules and length_kernel_size; their kernels are
   padded with zeros to the widest kernel_size and put side by side on the
   output axis (zero taps add nothing, so each output is unchanged).
   """
   width = max(c.kernel_shape[1] for c in convs)
-  kernels, biases, n_units = [], [], []
-  for c in convs:
-    kernel, bias = c.weights
+  kernels, biases = [], []
+  for kernel, bias in weights:
     pad = (width - kernel.shape[1]) // 2
     kernels.append(jnp.pad(kernel, ((0, 0), (pad, pad), (0, 0), (0, 0))))
     biases.append(bias)
-    n_units.append(kernel.shape[-1])
+  if len(kernels) == 1:
+    return kernels[0], biases[0]
+  return jnp.concatenate(kernels, axis=-1), jnp.concatenate(biases)
+
+
+def _convolve_together(convs, window, combined=None):
+  """[conv(window) for conv in convs] in 'predict' mode, as one convolution
+  with the kernels side by side (`_side_by_side`); `combined`: that
+  (kernel, bias) already made."""
+  if combined is None:
+    combined = _side_by_side(convs, [c.weights for c in convs])
+  kernel, bias = combined
   n_modules = convs[0].n_modules
-  y = _convolve(window, jnp.concatenate(kernels, axis=-1),
-                jnp.concatenate(biases), n_modules,
-                (convs[0].kernel_shape[0], width), predict=True)
+  y = _convolve(window, kernel, bias, n_modules,
+                (convs[0].kernel_shape[0], kernel.shape[1]), predict=True)
   y = jnp.reshape(y, y.shape[:-1] + (n_modules, -1))
   outputs = []
   start = 0
-  for n in n_units:
-    part = y[..., start:start + n]
+  for c in convs:
+    part = y[..., start:start + c.n_units]
     outputs.append(jnp.reshape(part, part.shape[:-2] + (-1,)))
-    start += n
+    start += c.n_units
   return outputs
 
 

@@ -59,6 +59,68 @@ def test_sampler_greedy_matches_eval_argmax_with_every_sparse_layer():
   np.testing.assert_array_equal(got, seq[:, 3:])
 
 
+def _conv_qkvs(layer):
+  from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
+  found = [layer] if isinstance(layer, sparse_qkv.ConvQKV) else []
+  for sub in layer.sublayers:
+    found += _conv_qkvs(sub)
+  return found
+
+
+@pytest.mark.parametrize('options', [
+    dict(), dict(share_qk=True), dict(v_concat_type='original'),
+    dict(v_concat_type='fixed', share_qk=True)])
+def test_sampler_hands_conv_qkv_its_kernels_side_by_side(options, monkeypatch):
+  """The Sampler switches each predict-mode ConvQKV to its decoding form
+  (each group's kernels side by side in the group's first conv, made once
+  per weight tree); the model then computes eval mode's logits token by
+  token and samples what a Sampler without the form samples."""
+  mix = dict(attention_sparsity=4, **options)
+  eval_model = models.TerraformerLM(mode='eval', **CFG, **mix)
+  eval_model.init(shapes.ShapeDtype((1, 10), np.int32), rng=jax.random.PRNGKey(3))
+  weights = eval_model.weights
+  model = models.TerraformerLM(mode='predict', **CFG, **mix)
+  sampler = sampling.Sampler(model)
+  convs = _conv_qkvs(model)
+  assert len(convs) == CFG['n_layers'] and all(c._combined for c in convs)
+  assert len(sampler._forms) == CFG['n_layers']
+  prepared = sampler._decoding_weights(weights)
+  assert sampler._decoding_weights(weights) is prepared  # made once
+  n_convs = 2 if options.get('share_qk') else 3
+  one_group = options.get('v_concat_type', 'none') == 'none'
+  for path, _ in sampler._forms:
+    plain = sampling.subtree_at(weights, path)
+    form = sampling.subtree_at(prepared, path)
+    assert len(form) == len(plain) == n_convs + 1
+    first = n_convs if one_group else n_convs - 1  # convs in the first group
+    assert form[0][0].shape == (3, 3, plain[0][0].shape[2], first * 8)
+    assert form[0][1].shape == (first * 8,)
+    np.testing.assert_array_equal(form[0][0][..., :8], plain[0][0])
+    np.testing.assert_array_equal(form[0][1][:8], plain[0][1])
+    assert all(form[i] == () for i in range(1, first))
+    if not one_group:  # V alone: as it was
+      for a, b in zip(form[n_convs - 1], plain[n_convs - 1]):
+        np.testing.assert_array_equal(a, b)
+
+  ids = np.random.RandomState(0).randint(0, CFG['vocab_size'], (1, 10)).astype(np.int32)
+  want = np.asarray(eval_model(ids))
+  step = jax.jit(model.pure_fn)
+  state, rng, got = sampler._initial_state, jax.random.PRNGKey(0), []
+  for chunk in (ids[:, :4],) + tuple(ids[:, t:t + 1] for t in range(4, 10)):
+    logits, state = step(chunk, prepared, state, rng)
+    got.append(logits)
+  np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5, rtol=1e-5)
+
+  monkeypatch.setattr(sampling, 'DECODING_FORMS', False)
+  reference = sampling.Sampler(models.TerraformerLM(mode='predict', **CFG, **mix))
+  assert not any(c._combined for c in _conv_qkvs(reference._model))
+  prompt = np.array([[1, 2, 3]], np.int32)
+  for seed in (0, 1):
+    np.testing.assert_array_equal(
+        sampler.generate(weights, prompt, 10, temperature=1.0, seed=seed),
+        reference.generate(weights, prompt, 10, temperature=1.0, seed=seed))
+
+
 def test_layers_are_the_sparse_ones_and_sparse_layers_shrink_the_model():
   def n_params(mix, **kw):
     m = models.TerraformerLM(mode='eval', **{**CFG, **kw}, **MIXES[mix])

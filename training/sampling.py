@@ -134,6 +134,57 @@ def decoding_out_in(model):
   return None
 
 
+# Whether the Sampler hands layers that offer one (`decoding_forms`) their
+# weights in a decoding form.  Made inside the loop, ConvQKV's side-by-side
+# kernel was rebuilt at every token on an H200 (2026-12-04: XLA:GPU did not
+# hoist it; 1.7-2.0 us per layer and token).
+DECODING_FORMS = True
+
+
+def decoding_forms(model):
+  """Marks the layers of `model` that take their weights in a decoding form.
+
+  A layer offers one with a method `use_decoding_form()`, which switches it
+  to that form and returns the function that makes it from the layer's own
+  weights (as `layer.weights` holds them), or returns None and switches
+  nothing (e.g. outside 'predict' mode).  `sparse_qkv.ConvQKV` is one: it
+  takes its convolution kernels already side by side.  Returns
+  [(path, function)] over the marked layers, path being the indices that
+  lead from model.weights to the layer's weights (a layer with sublayers
+  holds one entry per sublayer).
+  """
+  forms = []
+  seen = set()  # a layer used twice holds its weights at its first place
+
+  def visit(layer, path):
+    if id(layer) in seen:
+      return
+    seen.add(id(layer))
+    use = getattr(layer, 'use_decoding_form', None)
+    form = use() if use is not None else None
+    if form is not None:
+      forms.append((path, form))
+      return
+    for i, sub in enumerate(layer.sublayers):
+      visit(sub, path + (i,))
+  visit(model, ())
+  return forms
+
+
+def subtree_at(tree, path):
+  for i in path:
+    tree = tree[i]
+  return tree
+
+
+def replace_at(tree, path, new):
+  """`tree` (nested tuples) with the subtree at `path` replaced by `new`."""
+  if not path:
+    return new
+  return tuple(replace_at(t, path[1:], new) if j == path[0] else t
+               for j, t in enumerate(tree))
+
+
 @jax.jit
 def _transposed(arrays):
   return [a.T for a in arrays]
@@ -189,8 +240,10 @@ class Sampler:
 
   It marks the model's `training.model.Dense` layers to take their kernels
   transposed (`out_in_kernels`; CPU_KERNELS_OUT_IN on a CPU,
-  GPU_KERNELS_OUT_IN elsewhere, both on by default), and hands them over
-  that way; run the model through the Sampler from then on.
+  GPU_KERNELS_OUT_IN elsewhere, both on by default), and the layers that
+  offer a decoding form of their weights to take that (`decoding_forms`),
+  and hands the weights over that way, made once per weight tree; run the
+  model through the Sampler from then on.
   """
 
   def __init__(self, predict_model, batch_size=1, compute_dtype=None,
@@ -214,6 +267,9 @@ class Sampler:
     self._batch_size = batch_size
     self.max_length = max_length(predict_model)
     self._out_in = decoding_out_in(predict_model)
+    self._forms = decoding_forms(predict_model) if DECODING_FORMS else []
+    self._make_forms = jax.jit(lambda subtrees: [
+        form(w) for (_, form), w in zip(self._forms, subtrees)])
     self._prepared = None  # (weak references to the leaves it was made from, tree)
     self._generate = jax.jit(self._generate_fn, static_argnums=(3, 4, 5),
                              compiler_options=decode_compiler_options())
@@ -312,14 +368,20 @@ class Sampler:
     return np.asarray(out)
 
   def _decoding_weights(self, weights):
-    """`weights` with the marked kernels transposed (see out_in_kernels);
+    """`weights` with the marked kernels transposed (see out_in_kernels) and
+    the marked layers' weights in their decoding forms (see decoding_forms);
     made once and reused while the same weight arrays come back."""
-    if self._out_in is None or not any(self._out_in):
+    transpose = self._out_in is not None and any(self._out_in)
+    if not transpose and not self._forms:
       return weights
     leaves = jax.tree_util.tree_leaves(weights)
     if self._prepared is not None and all(
         ref() is leaf for ref, leaf in zip(self._prepared[0], leaves)):
       return self._prepared[1]
-    tree = transpose_marked(weights, self._out_in)
+    tree = transpose_marked(weights, self._out_in) if transpose else weights
+    if self._forms:
+      made = self._make_forms([subtree_at(tree, path) for path, _ in self._forms])
+      for (path, _), new in zip(self._forms, made):
+        tree = replace_at(tree, path, new)
     self._prepared = ([_weak(leaf) for leaf in leaves], tree)
     return tree
