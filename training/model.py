@@ -28,6 +28,7 @@ from jax import numpy as jnp
 from trax import layers as tl
 from trax.layers import base
 
+from training import decode_attention
 from training import gemv as gemv_lib
 
 MODES = ('train', 'eval', 'predict')
@@ -205,6 +206,10 @@ def _attention_implementation(dtype):
 # On a CPU, one decoding step reads only the filled part of the cache, rounded
 # up to one of these lengths (a branch per length; see `cached_attention`).
 CPU_CACHE_BUCKET = 128
+# Off a CPU, one decoding step's attention is 'pallas'
+# (`training.decode_attention`: the filled part of the cache only, where its
+# shape fits) or 'xla' (`_attend`'s fusion over the whole cache).
+ONE_QUERY_GPU = 'pallas'
 
 
 def _attend(q, k_cache, v_cache, pos):
@@ -244,9 +249,14 @@ def cached_attention(q, k_cache, v_cache, pos):
     first 128, 256, 512, ... positions of the cache that hold keys (a
     `lax.switch` over those lengths); the positions it skips are masked out
     anyway, so the result is the same.  (A GPU reads the cache in parallel,
-    and a branch there would cost a host round trip per layer.)
+    and a branch there would cost a host round trip per layer.)  Off a CPU
+    a one-query step runs `decode_attention.one_query_attention`, which
+    reads the filled positions only (ONE_QUERY_GPU).
   """
   t, max_len = q.shape[-2], k_cache.shape[-2]
+  if (t == 1 and jax.default_backend() != 'cpu' and ONE_QUERY_GPU == 'pallas'
+      and decode_attention.fits(max_len, q.shape[-1])):
+    return decode_attention.one_query_attention(q, k_cache, v_cache, pos)
   if t != 1 or jax.default_backend() != 'cpu' or max_len <= CPU_CACHE_BUCKET:
     return _attend(q, k_cache, v_cache, pos)
   lengths = []
