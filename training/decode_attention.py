@@ -67,7 +67,7 @@ def one_query_attention(q, k_cache, v_cache, pos, *, block_len=None,
   *lead, t, d_head = q.shape
   max_len = k_cache.shape[-2]
   if t != 1:
-    raise ValueError(f'one_query_attention takes one query, got {t}')
+    raise ValueError(f'one_query_attention takes one query per row, got {t}')
   if k_cache.shape != v_cache.shape or tuple(k_cache.shape[:-2]) != tuple(lead):
     raise ValueError(f'caches {k_cache.shape}, {v_cache.shape} do not fit '
                      f'the queries {q.shape}')

@@ -1,0 +1,71 @@
+"""training.decode_attention: the Pallas one-query attention, run by Pallas's interpreter here."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from training import decode_attention
+from training import model as model_lib
+
+
+def _reference(q, k, v, pos):
+  """Softmax attention of q over positions 0..pos, in float64."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  scores = np.einsum('...td,...kd->...tk', q, k[..., :pos + 1, :]) / np.sqrt(q.shape[-1])
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum('...tk,...kd->...td', p, v[..., :pos + 1, :])
+
+
+@pytest.mark.parametrize('lead,max_len,d_head,pos,tiling', [
+    ((1, 4), 64, 16, 0, {}),                       # only the first position
+    ((1, 4), 64, 16, 37, {}),
+    ((2, 3), 128, 32, 127, {}),                    # the whole cache
+    ((2, 3), 128, 32, 70, dict(block_len=16, n_splits=2)),
+    ((6,), 256, 64, 200, dict(n_splits=1, block_len=32)),
+    ((1, 16), 256, 64, 30, {}),                    # splits with no position
+])
+def test_equals_softmax_attention_over_the_filled_positions(lead, max_len, d_head,
+                                                            pos, tiling):
+  rng = np.random.RandomState(pos)
+  q = rng.randn(*lead, 1, d_head).astype(np.float32)
+  k = rng.randn(*lead, max_len, d_head).astype(np.float32)
+  v = rng.randn(*lead, max_len, d_head).astype(np.float32)
+  k[..., pos + 1:, :] = 1e3  # positions after pos must not count
+  got = decode_attention.one_query_attention(q, k, v, jnp.int32(pos),
+                                             interpret=True, **tiling)
+  assert got.shape == q.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, _reference(q, k, v, pos), rtol=1e-5, atol=1e-5)
+  # The same as the XLA form it replaces on a GPU.
+  np.testing.assert_allclose(got, model_lib._attend(q, k, v, jnp.int32(pos)),  # pylint: disable=protected-access
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_inputs_give_a_bfloat16_result_computed_in_float32():
+  rng = np.random.RandomState(0)
+  q, k, v = (jnp.asarray(rng.randn(*s), jnp.bfloat16)
+             for s in ((2, 1, 32), (2, 64, 32), (2, 64, 32)))
+  got = decode_attention.one_query_attention(q, k, v, jnp.int32(40), interpret=True)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float64), _reference(q, k, v, 40),
+                             rtol=2e-2, atol=2e-2)
+
+
+def test_default_tiling_fills_about_64_programs():
+  assert decode_attention.default_tiling(16, 256) == (64, 4, 4)
+  assert decode_attention.default_tiling(1, 2048) == (64, 32, 4)
+  assert decode_attention.default_tiling(64, 2048) == (64, 1, 4)
+  assert decode_attention.fits(256, 64) and not decode_attention.fits(96, 64)
+  assert not decode_attention.fits(256, 48)
+
+
+@pytest.mark.parametrize('q_shape,k_shape,tiling,needle', [
+    ((2, 2, 16), (2, 64, 16), {}, 'one query'),
+    ((2, 1, 16), (3, 64, 16), {}, 'do not fit'),
+    ((2, 1, 16), (2, 64, 16), dict(block_len=32, n_splits=4), 'must divide'),
+])
+def test_bad_shapes_are_named(q_shape, k_shape, tiling, needle):
+  q, k = jnp.zeros(q_shape), jnp.zeros(k_shape)
+  with pytest.raises(ValueError, match=needle):
+    decode_attention.one_query_attention(q, k, k, jnp.int32(0), interpret=True,
+                                         **tiling)
