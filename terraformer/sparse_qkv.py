@@ -589,11 +589,11 @@ class DotProductCausalAttention(tl.DotProductCausalAttention):
   Same inputs (q, k, v: (batch * heads, length, d_head)), state (key and
   value caches of max_inference_length positions and the next index) and
   outputs as trax's layer, which it runs unchanged in the other modes.  In
-  'predict' mode it updates the caches the same way and attends with
-  `training.model.cached_attention`, whose one-token path reads each cache
-  in a single fused pass.  `d_attn` (heads x head width, which the layer's
-  inputs do not tell) is read by FLOP counting
-  (`training.trainer.train_flops_per_token`); None leaves it uncounted.
+  'predict' mode it updates the caches the same way and attends, both with
+  `training.model.cache_step` (one kernel per token off the CPU).  `d_attn`
+  (heads x head width, which the layer's inputs do not tell) is read by
+  FLOP counting (`training.trainer.train_flops_per_token`); None leaves it
+  uncounted.
   """
 
   def __init__(self, *args, d_attn=None, **kwargs):
@@ -609,10 +609,9 @@ class DotProductCausalAttention(tl.DotProductCausalAttention):
       return super().forward(inputs)
     q, k, v = inputs
     ks, vs, idx = self.state
-    ks = jax.lax.dynamic_update_slice_in_dim(ks, k.astype(ks.dtype), idx, axis=1)
-    vs = jax.lax.dynamic_update_slice_in_dim(vs, v.astype(vs.dtype), idx, axis=1)
+    out, ks, vs = model_lib.cache_step(q, k, v, ks, vs, idx)
     self.state = (ks, vs, idx + q.shape[1])
-    return model_lib.cached_attention(q, ks, vs, idx)
+    return out
 
 
 class EinsumDense(base.Layer):

@@ -69,3 +69,30 @@ def test_bad_shapes_are_named(q_shape, k_shape, tiling, needle):
   with pytest.raises(ValueError, match=needle):
     decode_attention.one_query_attention(q, k, k, jnp.int32(0), interpret=True,
                                          **tiling)
+
+
+@pytest.mark.parametrize('pos,tiling', [(0, {}), (37, {}), (63, {}),
+                                        (20, dict(block_len=16, n_splits=2)),
+                                        (50, dict(n_splits=1))])
+def test_with_the_new_key_and_value_it_updates_the_caches(pos, tiling):
+  """new=(k, v): attends over the cache's positions before pos and (k, v),
+  and returns the caches with (k, v) written at pos, nothing else changed."""
+  rng = np.random.RandomState(pos)
+  lead, max_len, d_head = (2, 3), 64, 16
+  q, k_new, v_new = (rng.randn(*lead, 1, d_head).astype(np.float32) for _ in range(3))
+  k = rng.randn(*lead, max_len, d_head).astype(np.float32)
+  v = rng.randn(*lead, max_len, d_head).astype(np.float32)
+  k_full, v_full = k.copy(), v.copy()
+  k_full[..., pos, :], v_full[..., pos, :] = k_new[..., 0, :], v_new[..., 0, :]
+  k[..., pos:, :] = 1e3  # stale: pos must come from k_new, later ones not count
+  v_want = v.copy()
+  v_want[..., pos, :] = v_new[..., 0, :]
+  k_want = k.copy()
+  k_want[..., pos, :] = k_new[..., 0, :]
+  out, k_out, v_out = jax.jit(
+      lambda *a: decode_attention.one_query_attention(
+          *a[:4], new=a[4:], interpret=True, **tiling))(
+              q, k, v, jnp.int32(pos), k_new, v_new)
+  np.testing.assert_allclose(out, _reference(q, k_full, v_full, pos), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(k_out, k_want)
+  np.testing.assert_array_equal(v_out, v_want)

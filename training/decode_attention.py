@@ -49,7 +49,7 @@ def fits(max_len, d_head):
   return _power_of_2(max_len) and max_len >= 16 and _power_of_2(d_head)
 
 
-def one_query_attention(q, k_cache, v_cache, pos, *, block_len=None,
+def one_query_attention(q, k_cache, v_cache, pos, *, new=None, block_len=None,
                         n_splits=None, num_warps=None, interpret=False):
   """Attention of one query per row over caches filled up to `pos`.
 
@@ -57,12 +57,16 @@ def one_query_attention(q, k_cache, v_cache, pos, *, block_len=None,
     q: (..., 1, d_head), the query of position `pos`.
     k_cache, v_cache: (..., max_len, d_head), the same leading shape.
     pos: int32 scalar; positions 0 .. pos of the caches are attended.
+    new: None, or (k, v) of position `pos`, each (..., 1, d_head): then the
+      caches hold positions 0 .. pos - 1, the kernel attends over those and
+      (k, v) and also writes (k, v) into the caches at `pos` (in place where
+      XLA can), and the caches are returned too.
     block_len, n_splits, num_warps: tiling (default: `default_tiling`);
       block_len * n_splits must divide max_len.
     interpret: run in Pallas's interpreter (on a CPU, for tests).
 
   Returns:
-    (..., 1, d_head) in the dtype of q.
+    (..., 1, d_head) in the dtype of q; with `new`, (that, k_cache, v_cache).
   """
   *lead, t, d_head = q.shape
   max_len = k_cache.shape[-2]
@@ -71,6 +75,9 @@ def one_query_attention(q, k_cache, v_cache, pos, *, block_len=None,
   if k_cache.shape != v_cache.shape or tuple(k_cache.shape[:-2]) != tuple(lead):
     raise ValueError(f'caches {k_cache.shape}, {v_cache.shape} do not fit '
                      f'the queries {q.shape}')
+  if new is not None and any(a.shape != q.shape for a in new):
+    raise ValueError(f'new keys and values {[a.shape for a in new]} do not '
+                     f'fit the queries {q.shape}')
   rows = 1
   for n in lead:
     rows *= n
@@ -83,13 +90,18 @@ def one_query_attention(q, k_cache, v_cache, pos, *, block_len=None,
                      f'{n_splits} must divide max_len {max_len}')
   span = max_len // n_splits  # positions per split
   scale = d_head ** -0.5
+  update = new is not None
 
-  def kernel(pos_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref):
+  def kernel(pos_ref, q_ref, *refs):
+    if update:
+      kn_ref, vn_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, ko_ref, vo_ref = refs
+    else:
+      k_ref, v_ref, m_ref, l_ref, acc_ref = refs
     split = pl.program_id(1)
-    last = pos_ref[0]
+    last = pos_ref[0]  # the last position attended
+    end = last if update else last + 1  # cache positions read: < end
     start = split * span
-    # Blocks of this split that hold a filled position: 0 .. n - 1.
-    n = jnp.clip((last - start) // block_len + 1, 0, span // block_len)
+    n = jnp.clip((end - 1 - start) // block_len + 1, 0, span // block_len)
     qv = q_ref[0, :].astype(jnp.float32)
 
     def body(i, carry):
@@ -98,7 +110,7 @@ def one_query_attention(q, k_cache, v_cache, pos, *, block_len=None,
       k = k_ref[0, pl.ds(first, block_len), :].astype(jnp.float32)
       v = v_ref[0, pl.ds(first, block_len), :].astype(jnp.float32)
       s = jnp.sum(k * qv[None, :], axis=1) * scale
-      valid = first + jnp.arange(block_len) <= last
+      valid = first + jnp.arange(block_len) < end
       s = jnp.where(valid, s, _MASKED)
       m_new = jnp.maximum(m, jnp.max(s))
       p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
@@ -109,6 +121,21 @@ def one_query_attention(q, k_cache, v_cache, pos, *, block_len=None,
     m, l, acc = jax.lax.fori_loop(
         0, n, body, (jnp.float32(_MASKED), jnp.float32(0.0),
                      jnp.zeros((d_head,), jnp.float32)))
+    if update:  # position `last` from (k, v) itself, counted by split 0
+      kn = kn_ref[0, :].astype(jnp.float32)
+      vn = vn_ref[0, :].astype(jnp.float32)
+      mine = split == 0
+      s = jnp.where(mine, jnp.sum(kn * qv) * scale, _MASKED)
+      m_new = jnp.maximum(m, s)
+      p = jnp.where(mine, jnp.exp(s - m_new), 0.0)
+      keep = jnp.exp(m - m_new)
+      m, l, acc = m_new, l * keep + p, acc * keep + p * vn
+
+      @pl.when(mine)
+      def _():
+        ko_ref[0, pl.ds(last, 1), :] = kn_ref[...].astype(ko_ref.dtype)
+        vo_ref[0, pl.ds(last, 1), :] = vn_ref[...].astype(vo_ref.dtype)
+
     m_ref[...] = jnp.broadcast_to(m, (1, 1))
     l_ref[...] = jnp.broadcast_to(l, (1, 1))
     acc_ref[...] = acc.reshape(1, 1, d_head)
@@ -116,28 +143,43 @@ def one_query_attention(q, k_cache, v_cache, pos, *, block_len=None,
   params = {}
   if pl_triton is not None and not interpret:
     params['compiler_params'] = pl_triton.CompilerParams(num_warps=num_warps)
-  row = lambda r, s: (r, 0)
-  m, l, acc = pl.pallas_call(
+  row = pl.BlockSpec((1, d_head), lambda r, s: (r, 0))
+  cache = pl.BlockSpec((1, max_len, d_head), lambda r, s: (r, 0, 0))
+  caches = (k_cache.reshape(rows, max_len, d_head),
+            v_cache.reshape(rows, max_len, d_head))
+  out_shape = [jax.ShapeDtypeStruct((rows, n_splits), jnp.float32),
+               jax.ShapeDtypeStruct((rows, n_splits), jnp.float32),
+               jax.ShapeDtypeStruct((rows, n_splits, d_head), jnp.float32)]
+  out_specs = [pl.BlockSpec((1, 1), lambda r, s: (r, s)),
+               pl.BlockSpec((1, 1), lambda r, s: (r, s)),
+               pl.BlockSpec((1, 1, d_head), lambda r, s: (r, s, 0))]
+  args = [jnp.reshape(pos, (1,)).astype(jnp.int32), q.reshape(rows, d_head)]
+  in_specs = [pl.BlockSpec((1,), lambda r, s: (0,)), row]
+  aliases = {}
+  if update:
+    args += [a.reshape(rows, d_head) for a in new]
+    in_specs += [row, row]
+    aliases = {len(args): 3, len(args) + 1: 4}  # the caches, updated in place
+    out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
+    out_specs += [cache, cache]
+  outs = pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((rows, n_splits), jnp.float32),
-                 jax.ShapeDtypeStruct((rows, n_splits), jnp.float32),
-                 jax.ShapeDtypeStruct((rows, n_splits, d_head), jnp.float32)),
+      out_shape=tuple(out_shape),
       grid=(rows, n_splits),
-      in_specs=[pl.BlockSpec((1,), lambda r, s: (0,)),
-                pl.BlockSpec((1, d_head), row),
-                pl.BlockSpec((1, max_len, d_head), lambda r, s: (r, 0, 0)),
-                pl.BlockSpec((1, max_len, d_head), lambda r, s: (r, 0, 0))],
-      out_specs=(pl.BlockSpec((1, 1), lambda r, s: (r, s)),
-                 pl.BlockSpec((1, 1), lambda r, s: (r, s)),
-                 pl.BlockSpec((1, 1, d_head), lambda r, s: (r, s, 0))),
+      in_specs=in_specs + [cache, cache],
+      out_specs=tuple(out_specs),
+      input_output_aliases=aliases,
       interpret=interpret,
       **params,
-  )(jnp.reshape(pos, (1,)).astype(jnp.int32), q.reshape(rows, d_head),
-    k_cache.reshape(rows, max_len, d_head), v_cache.reshape(rows, max_len, d_head))
+  )(*args, *caches)
+  m, l, acc = outs[:3]
   if n_splits == 1:
     out = acc[:, 0] / l
   else:  # combine the splits' partial softmaxes
     w = jnp.exp(m - jnp.max(m, axis=1, keepdims=True))  # (rows, splits)
     out = jnp.sum(w[..., None] * acc, axis=1) / jnp.sum(w * l, axis=1,
                                                         keepdims=True)
-  return out.astype(q.dtype).reshape(q.shape)
+  out = out.astype(q.dtype).reshape(q.shape)
+  if not update:
+    return out
+  return (out, outs[3].reshape(k_cache.shape), outs[4].reshape(v_cache.shape))

@@ -206,10 +206,13 @@ def _attention_implementation(dtype):
 # On a CPU, one decoding step reads only the filled part of the cache, rounded
 # up to one of these lengths (a branch per length; see `cached_attention`).
 CPU_CACHE_BUCKET = 128
-# Off a CPU, one decoding step's attention is 'pallas'
-# (`training.decode_attention`: the filled part of the cache only, where its
-# shape fits) or 'xla' (`_attend`'s fusion over the whole cache).
+# Off a CPU, one decoding step's cache update and attention (`cache_step`):
+# 'pallas' (`training.decode_attention` writes the new key and value and
+# attends over the filled part of the cache only, in one kernel, where its
+# shape fits), 'pallas_attend' (XLA updates the caches, the kernel attends)
+# or 'xla' (XLA updates the caches and `_attend` reads the whole cache).
 ONE_QUERY_GPU = 'pallas'
+ONE_QUERY_GPU_FORMS = ('pallas', 'pallas_attend', 'xla')
 
 
 def _attend(q, k_cache, v_cache, pos):
@@ -251,11 +254,11 @@ def cached_attention(q, k_cache, v_cache, pos):
     anyway, so the result is the same.  (A GPU reads the cache in parallel,
     and a branch there would cost a host round trip per layer.)  Off a CPU
     a one-query step runs `decode_attention.one_query_attention`, which
-    reads the filled positions only (ONE_QUERY_GPU).
+    reads the filled positions only, if ONE_QUERY_GPU says so.
   """
   t, max_len = q.shape[-2], k_cache.shape[-2]
-  if (t == 1 and jax.default_backend() != 'cpu' and ONE_QUERY_GPU == 'pallas'
-      and decode_attention.fits(max_len, q.shape[-1])):
+  if (t == 1 and _one_query_kernel(q, k_cache)
+      and ONE_QUERY_GPU == 'pallas_attend'):
     return decode_attention.one_query_attention(q, k_cache, v_cache, pos)
   if t != 1 or jax.default_backend() != 'cpu' or max_len <= CPU_CACHE_BUCKET:
     return _attend(q, k_cache, v_cache, pos)
@@ -270,6 +273,41 @@ def cached_attention(q, k_cache, v_cache, pos):
   which = jnp.searchsorted(jnp.array(lengths), pos + 1)  # first length > pos
   return jax.lax.switch(which, [branch(n) for n in lengths],
                         q, k_cache, v_cache, pos)
+
+
+def _one_query_kernel(q, k_cache):
+  """Whether a one-query step here runs a `decode_attention` kernel."""
+  if ONE_QUERY_GPU not in ONE_QUERY_GPU_FORMS:
+    raise ValueError(f'ONE_QUERY_GPU must be one of {ONE_QUERY_GPU_FORMS}, '
+                     f'not {ONE_QUERY_GPU!r}')
+  return (jax.default_backend() != 'cpu' and ONE_QUERY_GPU != 'xla'
+          and decode_attention.fits(k_cache.shape[-2], q.shape[-1]))
+
+
+def cache_step(q, k, v, k_cache, v_cache, pos):
+  """A predict-mode step: writes k, v at pos, pos + 1, ... into the caches
+  and attends q over every position up to its own.
+
+  Args:
+    q, k, v: (..., t, dh) of positions pos .. pos + t - 1.
+    k_cache, v_cache: (..., max_len, dh), filled up to pos - 1.
+    pos: int32 scalar.
+
+  Returns:
+    (attention output (..., t, dh) in q's dtype, k_cache, v_cache).  A
+    one-token step off the CPU runs as one kernel
+    (`decode_attention.one_query_attention` with new=(k, v)) where
+    ONE_QUERY_GPU is 'pallas'; otherwise `cached_attention` after the
+    updates.
+  """
+  k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+  if (q.shape[-2] == 1 and _one_query_kernel(q, k_cache)
+      and ONE_QUERY_GPU == 'pallas'):
+    return decode_attention.one_query_attention(q, k_cache, v_cache, pos,
+                                                new=(k, v))
+  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=k.ndim - 2)
+  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=v.ndim - 2)
+  return cached_attention(q, k_cache, v_cache, pos), k_cache, v_cache
 
 
 class CausalDotProductAttention(base.Layer):
@@ -310,12 +348,10 @@ class CausalDotProductAttention(base.Layer):
       # Caches are (b, h, max_len, dh) so that both products below contract
       # them in place: no per-token transpose of the whole cache.
       k_cache, v_cache, pos = self.state
-      k_cache = jax.lax.dynamic_update_slice_in_dim(
-          k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), pos, axis=2)
-      v_cache = jax.lax.dynamic_update_slice_in_dim(
-          v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), pos, axis=2)
-      out = jnp.swapaxes(
-          cached_attention(jnp.swapaxes(q, 1, 2), k_cache, v_cache, pos), 1, 2)
+      heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # (b, h, t, dh)
+      out, k_cache, v_cache = cache_step(
+          heads_first(q), heads_first(k), heads_first(v), k_cache, v_cache, pos)
+      out = heads_first(out)
       self.state = (k_cache, v_cache, pos + t)
     return out.reshape(b, t, -1)
 
