@@ -96,3 +96,38 @@ def test_with_the_new_key_and_value_it_updates_the_caches(pos, tiling):
   np.testing.assert_allclose(out, _reference(q, k_full, v_full, pos), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(k_out, k_want)
   np.testing.assert_array_equal(v_out, v_want)
+
+
+@pytest.mark.parametrize('form', ['pallas', 'pallas_attend'])
+@pytest.mark.parametrize('mix', [{}, dict(attention_sparsity=4)])
+def test_models_decode_through_the_kernel_as_in_eval_mode(form, mix, monkeypatch):
+  """Both attention layers (dense, and sparse QKV's trax-layout caches)
+  decoding token by token through the kernel (as off the CPU; interpreted
+  here) give eval mode's logits."""
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  from terraformer import models  # pylint: disable=g-import-not-at-top
+  calls = []
+  kernel = decode_attention.one_query_attention
+
+  def interpreted(*args, **kwargs):
+    calls.append(kwargs.get('new') is not None)
+    return kernel(*args, interpret=True, **kwargs)
+  monkeypatch.setattr(model_lib, 'ONE_QUERY_GPU', form)
+  monkeypatch.setattr(model_lib, '_one_query_kernel', lambda q, k: True)
+  monkeypatch.setattr(decode_attention, 'one_query_attention', interpreted)
+  cfg = dict(vocab_size=24, d_model=32, d_ff=64, n_layers=2, n_heads=4,
+             max_len=64, **mix)
+  eval_model = models.TerraformerLM(mode='eval', **cfg)
+  eval_model.init(shapes.ShapeDtype((1, 9), np.int32), rng=jax.random.PRNGKey(3))
+  ids = np.random.RandomState(0).randint(0, 24, (1, 9)).astype(np.int32)
+  want = np.asarray(eval_model(ids))
+  predict = models.TerraformerLM(mode='predict', **cfg)
+  predict.init(shapes.ShapeDtype((1, 1), np.int32))
+  step = jax.jit(lambda x, w, s: predict.pure_fn(x, w, s, jax.random.PRNGKey(0)))
+  state, got = predict.state, []
+  for chunk in [ids[:, :3]] + [ids[:, t:t + 1] for t in range(3, 9)]:
+    logits, state = step(chunk, eval_model.weights, state)
+    got.append(logits)
+  np.testing.assert_allclose(np.concatenate(got, 1), want, rtol=1e-5, atol=1e-5)
+  # The one-token steps ran the kernel, with the update in it for 'pallas'.
+  assert calls and all(c == (form == 'pallas') for c in calls)
