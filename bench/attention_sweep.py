@@ -91,7 +91,7 @@ def main(argv):
       rows.append((label, sec * 1e6, err))
       print(f'{case:10s} {label:28s} {sec * 1e6:8.2f} us  max|diff| {err:.1e}',
             flush=True)
-    print(f'best for {case} ({decode_attention.default_tiling(h, max_len)} '
+    print(f'best for {case} ({decode_attention.default_tiling(max_len)} '
           'is the default):')
     for label, us, err in sorted(rows, key=lambda r: r[1])[:5]:
       print(f'  {label:28s} {us:8.2f} us  max|diff| {err:.1e}')

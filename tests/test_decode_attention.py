@@ -23,7 +23,8 @@ def _reference(q, k, v, pos):
     ((2, 3), 128, 32, 127, {}),                    # the whole cache
     ((2, 3), 128, 32, 70, dict(block_len=16, n_splits=2)),
     ((6,), 256, 64, 200, dict(n_splits=1, block_len=32)),
-    ((1, 16), 256, 64, 30, {}),                    # splits with no position
+    ((1, 16), 256, 64, 30, {}),
+    ((1, 2), 1024, 16, 300, {}),                   # splits with no position
 ])
 def test_equals_softmax_attention_over_the_filled_positions(lead, max_len, d_head,
                                                             pos, tiling):
@@ -51,11 +52,13 @@ def test_bfloat16_inputs_give_a_bfloat16_result_computed_in_float32():
                              rtol=2e-2, atol=2e-2)
 
 
-def test_default_tiling_fills_about_64_programs():
-  assert decode_attention.default_tiling(16, 256) == (64, 4, 4)
-  assert decode_attention.default_tiling(1, 2048) == (64, 32, 4)
-  assert decode_attention.default_tiling(64, 2048) == (64, 1, 4)
-  assert decode_attention.fits(256, 64) and not decode_attention.fits(96, 64)
+def test_default_tiling_divides_every_cache_that_fits():
+  assert decode_attention.default_tiling(256) == (32, 1, 2)
+  assert decode_attention.default_tiling(2048) == (64, 8, 4)
+  for max_len in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+    block_len, n_splits, _ = decode_attention.default_tiling(max_len)
+    assert decode_attention.fits(max_len, 64) and max_len % (block_len * n_splits) == 0
+  assert not decode_attention.fits(96, 64) and not decode_attention.fits(8, 64)
   assert not decode_attention.fits(256, 48)
 
 

@@ -12,6 +12,22 @@ results are combined afterwards (by XLA, fused with what reads the output).
 
 The result equals `_attend`'s: scores q.k / sqrt(d_head) in float32, the
 positions after `pos` masked out, softmax, the weighted sum of the values.
+With new=(k, v) the kernel also writes the step's key and value into the
+caches (aliased in and out), so a decoding step's attention is one kernel
+where XLA ran three (two cache updates and the attention fusion).
+
+Measured on an H100 (2026-12-06, bench/results/attention_sweep_h100_s24.txt;
+16 heads of 64, batch 1, chains over 32 distinct caches), microseconds per
+attention, XLA's fusion against the kernel at its default tiling (and the
+sweep's best): 256 positions with 30 filled, 5.13 against 3.28 (2.75);
+2048 positions with 30 filled, 10.17 against 3.50 (2.70); 2048 with 1500
+filled, 10.91 against 10.76 (9.46).  The 800M decoders then took, in one
+call of `bench/decode_speed.py --impls=ours --alternate_models --rounds=3`
+per form (ms/token; with the update in the kernel / the kernel after XLA's
+updates / XLA): dense 0.936 / 0.951 / 0.944, sparse FF 0.789 / 0.798 /
+0.849, sparse QKV 1.069 / 1.088 / 1.073, sparse FF+QKV 0.761 / 0.785 /
+0.817 (the tiling then was 64-position blocks in 4 splits; the spread
+between calls on one machine was up to 6% that day).
 """
 import jax
 from jax.experimental import pallas as pl
@@ -25,18 +41,19 @@ except ImportError:  # pragma: no cover
 _MASKED = -1e30  # the running maximum before any position is seen
 
 
-def default_tiling(rows, max_len):
-  """(block_len, n_splits, num_warps) for `rows` (sequences x heads) rows
-  over a cache of `max_len` positions: blocks of 64 positions, and enough
-  splits for about 64 programs (at most one block per split)."""
-  block_len = next((b for b in (64, 32, 16) if max_len % b == 0), None)
-  if block_len is None:
-    return None
-  n_blocks = max_len // block_len
-  n_splits = max(1, min(n_blocks, 64 // max(rows, 1)))
-  while n_blocks % n_splits:
-    n_splits -= 1
-  return block_len, n_splits, 4
+def default_tiling(max_len):
+  """(block_len, n_splits, num_warps) for a cache of `max_len` positions.
+
+  From an H100 sweep (bench/results/attention_sweep_h100_s24.txt, 16 heads
+  of 64, batch 1): over 256 positions one split in blocks of 32 with 2 warps
+  was the fastest (2.75 us, XLA's fusion 5.13 us); over 2048, blocks of 64
+  in splits of 256 positions were level with or faster than XLA at both
+  30 and 1500 filled positions (3.50 and 10.76 us, XLA 10.17 and 10.91),
+  where fewer splits lost at 1500 (one split of 2048: 62 us).
+  """
+  if max_len <= 256:
+    return min(32, max_len), 1, 2
+  return 64, max_len // 256, 4
 
 
 def _power_of_2(n):
@@ -44,8 +61,8 @@ def _power_of_2(n):
 
 
 def fits(max_len, d_head):
-  """Whether the kernel takes caches of this shape (Triton's blocks are
-  powers of 2)."""
+  """Whether the kernel takes caches of this shape with its default tiling
+  (Triton's blocks are powers of 2)."""
   return _power_of_2(max_len) and max_len >= 16 and _power_of_2(d_head)
 
 
@@ -81,11 +98,11 @@ def one_query_attention(q, k_cache, v_cache, pos, *, new=None, block_len=None,
   rows = 1
   for n in lead:
     rows *= n
-  tiling = default_tiling(rows, max_len) or (None, None, None)
+  tiling = default_tiling(max_len)
   block_len = block_len or tiling[0]
   n_splits = n_splits or tiling[1]
   num_warps = num_warps or tiling[2]
-  if not block_len or max_len % (block_len * n_splits):
+  if max_len % (block_len * n_splits):
     raise ValueError(f'one_query_attention: block_len {block_len} x n_splits '
                      f'{n_splits} must divide max_len {max_len}')
   span = max_len // n_splits  # positions per split

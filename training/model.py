@@ -211,7 +211,8 @@ CPU_CACHE_BUCKET = 128
 # attends over the filled part of the cache only, in one kernel, where its
 # shape fits), 'pallas_attend' (XLA updates the caches, the kernel attends)
 # or 'xla' (XLA updates the caches and `_attend` reads the whole cache).
-ONE_QUERY_GPU = 'xla'
+# Timings on an H100: training/decode_attention.py's docstring.
+ONE_QUERY_GPU = 'pallas'
 ONE_QUERY_GPU_FORMS = ('pallas', 'pallas_attend', 'xla')
 
 
