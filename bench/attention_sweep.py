@@ -41,16 +41,12 @@ flags.DEFINE_bool('interpret', False, 'run the Pallas kernel interpreted (a CPU 
 
 
 def _time(attend, caches, q, pos, iters):
-  @jax.jit
-  def loop(q, caches):
-    def step(i, q):
-      for k, v in caches:
-        q = attend(q, k, v, pos) * 0.5
-      return q
-    return jax.lax.fori_loop(0, iters, step, q)
-
-  best, out = timing.best_time(loop, q, caches, repeats=3)
-  return best / iters / len(caches), np.asarray(out)
+  def step(q, caches):
+    for k, v in caches:
+      q = attend(q, k, v, pos) * 0.5
+    return q
+  sec, out = timing.loop_time(step, q, caches, iters)
+  return sec / len(caches), out
 
 
 def main(argv):

@@ -62,14 +62,8 @@ def _chain_fn(matmul, out_in=False):
 
 
 def _time(matmul, ws, x, iters, out_in=False):
-  step = _chain_fn(matmul, out_in)
-
-  @jax.jit
-  def loop(x, ws):
-    return jax.lax.fori_loop(0, iters, lambda i, x: step(x, ws), x)
-
-  best, out = timing.best_time(loop, x, ws, repeats=3)
-  return best / iters / len(ws), np.asarray(out)
+  sec, out = timing.loop_time(_chain_fn(matmul, out_in), x, ws, iters)
+  return sec / len(ws), out
 
 
 def main(argv):

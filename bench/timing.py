@@ -18,6 +18,17 @@ def best_time(f, *args, repeats=5):
   return best, out
 
 
+def loop_time(step, x, consts, iters, repeats=3):
+  """(seconds per iteration of x = step(x, consts), `iters` iterations in
+  one jitted on-device loop, the fastest of `repeats` calls; the final x)."""
+  @jax.jit
+  def loop(x, consts):
+    return jax.lax.fori_loop(0, iters, lambda i, x: step(x, consts), x)
+
+  best, out = best_time(loop, x, consts, repeats=repeats)
+  return best / iters, np.asarray(out)
+
+
 def median_times(run, lengths, repeats):
   """[median of `repeats` calls run(n) for n in lengths]; run(n) returns
   the seconds one call took (e.g. decoding n tokens)."""

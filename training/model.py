@@ -253,14 +253,9 @@ def cached_attention(q, k_cache, v_cache, pos):
     first 128, 256, 512, ... positions of the cache that hold keys (a
     `lax.switch` over those lengths); the positions it skips are masked out
     anyway, so the result is the same.  (A GPU reads the cache in parallel,
-    and a branch there would cost a host round trip per layer.)  Off a CPU
-    a one-query step runs `decode_attention.one_query_attention`, which
-    reads the filled positions only, if ONE_QUERY_GPU says so.
+    and a branch there would cost a host round trip per layer.)
   """
   t, max_len = q.shape[-2], k_cache.shape[-2]
-  if (t == 1 and _one_query_kernel(q, k_cache)
-      and ONE_QUERY_GPU == 'pallas_attend'):
-    return decode_attention.one_query_attention(q, k_cache, v_cache, pos)
   if t != 1 or jax.default_backend() != 'cpu' or max_len <= CPU_CACHE_BUCKET:
     return _attend(q, k_cache, v_cache, pos)
   lengths = []
@@ -296,19 +291,19 @@ def cache_step(q, k, v, k_cache, v_cache, pos):
 
   Returns:
     (attention output (..., t, dh) in q's dtype, k_cache, v_cache).  A
-    one-token step off the CPU runs as one kernel
-    (`decode_attention.one_query_attention` with new=(k, v)) where
-    ONE_QUERY_GPU is 'pallas'; otherwise `cached_attention` after the
-    updates.
+    one-token step off the CPU runs `decode_attention.one_query_attention`
+    as ONE_QUERY_GPU says (with the updates in it for 'pallas'); otherwise
+    `cached_attention` after the updates.
   """
   k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-  if (q.shape[-2] == 1 and _one_query_kernel(q, k_cache)
-      and ONE_QUERY_GPU == 'pallas'):
+  kernel = q.shape[-2] == 1 and _one_query_kernel(q, k_cache)
+  if kernel and ONE_QUERY_GPU == 'pallas':
     return decode_attention.one_query_attention(q, k_cache, v_cache, pos,
                                                 new=(k, v))
   k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=k.ndim - 2)
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=v.ndim - 2)
-  return cached_attention(q, k_cache, v_cache, pos), k_cache, v_cache
+  attend = decode_attention.one_query_attention if kernel else cached_attention
+  return attend(q, k_cache, v_cache, pos), k_cache, v_cache
 
 
 class CausalDotProductAttention(base.Layer):
