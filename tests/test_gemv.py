@@ -71,6 +71,42 @@ def test_gemv_out_in_equals_the_product(d_out, d_in, tiling):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize('options', [
+    dict(norm=True), dict(bias=True, relu=True), dict(bias=True, residual=True),
+    dict(norm=True, bias=True, relu=True, residual=True)])
+@pytest.mark.parametrize('tiling', [{}, dict(block_n=2, block_k=32)])
+def test_gemv_out_in_fused_operations_equal_their_float64_form(options, tiling):
+  """With norm / bias / relu / residual, gemv_out_in(x, W_t) equals
+  relu?(LayerNorm(x) W_t^T + b) + r computed in float64 (the norm's statistics
+  over the whole row, whatever block_k)."""
+  d_out, d_in, eps = 96, 128, 1e-6
+  keys = jax.random.split(jax.random.PRNGKey(7), 6)
+  x = jax.random.normal(keys[0], (1, 1, d_in)) * 2.0 + 3.0
+  w_t = jax.random.normal(keys[1], (d_out, d_in)) / np.sqrt(d_in)
+  scale, shift = 1.0 + jax.random.normal(keys[2], (d_in,)), jax.random.normal(keys[3], (d_in,))
+  bias, res = jax.random.normal(keys[4], (d_out,)), jax.random.normal(keys[5], (d_out,))
+  x64 = np.asarray(x, np.float64).reshape(d_in)
+  if options.get('norm'):
+    x64 = ((x64 - x64.mean()) / np.sqrt(x64.var() + eps) * np.asarray(scale, np.float64)
+           + np.asarray(shift, np.float64))
+  want = np.asarray(w_t, np.float64) @ x64
+  kwargs = {}
+  if options.get('norm'):
+    kwargs['norm'] = (scale, shift, eps)
+  if options.get('bias'):
+    want, kwargs['bias'] = want + np.asarray(bias, np.float64), bias
+  if options.get('relu'):
+    want, kwargs['relu'] = np.maximum(want, 0.0), True
+  if options.get('residual'):
+    want, kwargs['residual'] = want + np.asarray(res, np.float64), res
+  got = gemv_lib.gemv_out_in(x, w_t, interpret=True, **tiling, **kwargs)
+  assert got.shape == (1, 1, d_out) and got.dtype == jnp.float32
+  if options.get('relu'):  # the ReLU cut some outputs and kept others
+    before = want - (np.asarray(res, np.float64) if options.get('residual') else 0.0)
+    assert (before == 0).any() and (before > 0).any()
+  np.testing.assert_allclose(np.asarray(got).reshape(d_out), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('shape,tiling,needle', [
     ((3, 64), {}, 'one row'),
     ((1, 64), dict(block_n=3), 'block_n=3'),

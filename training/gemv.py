@@ -163,14 +163,19 @@ def fits_out_in(d_out, d_in):
   return True
 
 
-def gemv_out_in(x, w_t, *, block_n=None, block_k=None, num_warps=None,
-                interpret=False):
+def gemv_out_in(x, w_t, *, bias=None, norm=None, relu=False, residual=None,
+                block_n=None, block_k=None, num_warps=None, interpret=False):
   """x @ w_t.T for x (..., d_in) holding one row and w_t (d_out, d_in).
 
   With the kernel stored transposed each output is the sum along one
   contiguous row of weights: a program of the grid reads `block_n` whole
   rows, `block_k` columns at a time, and writes its `block_n` outputs; no
   partial sums are left to add up afterwards.
+
+  The small operations around a decoder's product can run in the same
+  kernel: `norm` = (scale, shift, epsilon) first layer-normalises the row
+  (float32 statistics, each program reading the whole row), then
+  y = relu?(x @ w_t.T + bias) + residual (`bias`, `residual`: (d_out,)).
   """
   d_out, d_in = w_t.shape
   if x.shape[-1] != d_in or x.size != d_in:
@@ -181,15 +186,49 @@ def gemv_out_in(x, w_t, *, block_n=None, block_k=None, num_warps=None,
   num_warps = num_warps or tiling[2]
   check_shapes_out_in(d_out, d_in, block_n, block_k)
   out_dtype = jnp.result_type(x.dtype, w_t.dtype)
+  row = lambda: pl.BlockSpec((d_in,), lambda j: (0,))
+  outs = lambda: pl.BlockSpec((block_n,), lambda j: (j,))
+  operands = [x.reshape(d_in), w_t]
+  in_specs = [row(), pl.BlockSpec((block_n, d_in), lambda j: (j, 0))]
+  if norm is not None:
+    scale, shift, epsilon = norm
+    operands += [scale.reshape(d_in), shift.reshape(d_in)]
+    in_specs += [row(), row()]
+  for extra in (bias, residual):
+    if extra is not None:
+      operands.append(extra.reshape(d_out))
+      in_specs.append(outs())
 
-  def kernel(x_ref, w_ref, o_ref):
+  def kernel(*refs):
+    x_ref, w_ref, *refs, o_ref = refs
+    if norm is not None:
+      scale_ref, shift_ref, *refs = refs
+      xf = x_ref[...].astype(jnp.float32)
+      mean = jnp.mean(xf)
+      rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean)) + epsilon)
+
+    def row_part(i):
+      part = pl.ds(i * block_k, block_k)
+      xs = x_ref[part].astype(jnp.float32)
+      if norm is not None:
+        xs = ((xs - mean) * rstd * scale_ref[part].astype(jnp.float32)
+              + shift_ref[part].astype(jnp.float32))
+      return xs
+
     def body(i, acc):
-      xs = x_ref[pl.ds(i * block_k, block_k)].astype(jnp.float32)
       ws = w_ref[:, pl.ds(i * block_k, block_k)].astype(jnp.float32)
-      return acc + ws * xs[None, :]
+      return acc + ws * row_part(i)[None, :]
     acc = jax.lax.fori_loop(0, d_in // block_k, body,
                             jnp.zeros((block_n, block_k), jnp.float32))
-    o_ref[...] = jnp.sum(acc, axis=1)
+    y = jnp.sum(acc, axis=1)
+    if bias is not None:
+      bias_ref, *refs = refs
+      y = y + bias_ref[...].astype(jnp.float32)
+    if relu:
+      y = jnp.maximum(y, 0.0)
+    if residual is not None:
+      y = y + refs[0][...].astype(jnp.float32)
+    o_ref[...] = y
 
   params = {}
   if pl_triton is not None and not interpret:
@@ -198,10 +237,9 @@ def gemv_out_in(x, w_t, *, block_n=None, block_k=None, num_warps=None,
       kernel,
       out_shape=jax.ShapeDtypeStruct((d_out,), jnp.float32),
       grid=(d_out // block_n,),
-      in_specs=[pl.BlockSpec((d_in,), lambda j: (0,)),
-                pl.BlockSpec((block_n, d_in), lambda j: (j, 0))],
-      out_specs=pl.BlockSpec((block_n,), lambda j: (j,)),
+      in_specs=in_specs,
+      out_specs=outs(),
       interpret=interpret,
       **params,
-  )(x.reshape(d_in), w_t)
+  )(*operands)
   return y.astype(out_dtype).reshape(x.shape[:-1] + (d_out,))
