@@ -86,6 +86,7 @@ flags.DEFINE_enum('one_row_gemm', 'auto', ['auto', 'on', 'off'],
 flags.DEFINE_bool('cpu_kernels_out_in', True, 'On a CPU, hand Dense layers their kernels transposed (training.sampling.CPU_KERNELS_OUT_IN).')
 flags.DEFINE_enum('one_query_gpu', None, ['pallas', 'pallas_attend', 'xla'], 'Off a CPU, a decoding step\'s cache update and attention (training.model.ONE_QUERY_GPU; default: its value).')
 flags.DEFINE_bool('decoding_forms', True, 'Hand layers that offer one their weights in a decoding form (training.sampling.DECODING_FORMS): ConvQKV its kernels side by side.')
+flags.DEFINE_bool('fused_decoding_gpu', None, 'Off a CPU, run the dense decoder\'s pre-norm blocks as fused products (training.model.FUSED_DECODING_GPU; default: its value).')
 flags.DEFINE_bool('gpu_kernels_out_in', True, 'Off a CPU, hand Dense layers their kernels transposed too (training.sampling.GPU_KERNELS_OUT_IN).')
 flags.DEFINE_string('one_row_gpu', '',
                     'Overrides of training.model.ONE_ROW_GPU_FORMS, e.g. '
@@ -190,6 +191,8 @@ def build_ours(kwargs, dtype=None):
   from training import model as model_lib  # pylint: disable=g-import-not-at-top
   if FLAGS.one_query_gpu:
     model_lib.ONE_QUERY_GPU = FLAGS.one_query_gpu
+  if FLAGS.fused_decoding_gpu is not None:
+    model_lib.FUSED_DECODING_GPU = FLAGS.fused_decoding_gpu
   sampler = sampling.Sampler(model, batch_size=FLAGS.batch, compute_dtype=dtype)
   weights = jax.device_put(trainer.cast_floats(model.weights, dtype))
   return model, sampler, weights

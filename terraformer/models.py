@@ -121,13 +121,13 @@ def TerraformerLM(vocab_size, d_model=512, d_ff=2048, n_layers=6, n_heads=8,
 
   def block():
     return [
-        tl.Residual(
+        model_lib.PreNormResidual(
             model_lib.LayerNorm(),
             AttentionBlock(d_model, n_heads, attention_sparsity,
                            attention_kernel_size, share_qk, output_layer_type,
                            v_concat_type, max_len, mode),
             tl.Dropout(rate=dropout, mode=mode)),
-        tl.Residual(
+        model_lib.PreNormResidual(
             model_lib.LayerNorm(),
             FeedForwardBlock(d_model, d_ff, ff_sparsity, ff_lowrank,
                              ff_temperature, ff_quant_prob, ff_activation,

@@ -1,5 +1,6 @@
 """On-device sampling: greedy decoding equals argmax of eval mode, step by step."""
 import jax
+import pytest
 import numpy as np
 from trax import shapes
 
@@ -161,3 +162,71 @@ def test_gpu_kernels_out_in_switch(monkeypatch):
     mask = sampling.decoding_out_in(model)
     assert (mask is not None and sum(mask) == 9) == marked, (backend, cpu_flag, gpu_flag)
     assert all(d._kernel_out_in == marked for d in _dense_layers(model))
+
+
+def test_pre_norm_residual_has_trax_residuals_weights_and_outputs():
+  """PreNormResidual(norm, body, dropout) holds the same weight and state
+  trees as tl.Residual over the same layers and computes x + body(norm(x))."""
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  x = np.random.RandomState(0).randn(2, 3, 16).astype(np.float32)
+  make = lambda: (model_lib.LayerNorm(), model_lib.FeedForward(16, 32, tl.Relu),
+                  tl.Dropout(rate=0.0, mode='eval'))
+  ours, theirs = model_lib.PreNormResidual(*make()), tl.Residual(*make())
+  for layer in (ours, theirs):
+    layer.init(shapes.signature(x), rng=jax.random.PRNGKey(2))
+  shape = lambda t: jax.tree_util.tree_map(np.shape, t)
+  assert shape(ours.weights) == shape(theirs.weights)
+  assert shape(ours.state) == shape(theirs.state)
+  norm, ff, _ = ours.sublayers[0].sublayers[-1].sublayers[-1].sublayers
+  want = np.asarray(x) + np.asarray(ff(norm(x)))
+  np.testing.assert_allclose(ours(x), want, atol=1e-6)
+  theirs.weights = ours.weights
+  np.testing.assert_allclose(theirs(x), want, atol=1e-6)
+
+
+@pytest.mark.parametrize('build', ['DecoderLM', 'TerraformerLM'])
+def test_fused_decoding_blocks_give_eval_logits_and_the_same_samples(build, monkeypatch):
+  """With FUSED_DECODING_GPU (run here on a CPU, Pallas interpreted) each
+  pre-norm block of a dense decoder with ReLU runs as fused products (norm
+  inside the QKV and first feed-forward products, bias, ReLU and residual
+  inside the others): step by step the logits equal eval mode's, and the
+  samples equal those of the unfused decoder."""
+  from terraformer import models  # pylint: disable=g-import-not-at-top
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  cfg = dict(CFG, max_len=16)
+  if build == 'DecoderLM':
+    make = lambda mode: model_lib.DecoderLM(mode=mode, activation=tl.Relu, **cfg)
+  else:
+    make = lambda mode: models.TerraformerLM(mode=mode, **cfg)
+  eval_model = make('eval')
+  eval_model.init(shapes.ShapeDtype((1, 8), np.int32), rng=jax.random.PRNGKey(4))
+  weights = eval_model.weights
+  ids = np.random.RandomState(1).randint(0, 40, (1, 8)).astype(np.int32)
+  want = np.asarray(eval_model(ids))
+  reference = sampling.Sampler(make('predict'))
+  prompt = np.array([[3, 1, 4]], np.int32)
+  samples = [reference.generate(weights, prompt, 6, temperature=1.0, seed=s)
+             for s in (0, 1)]
+
+  monkeypatch.setattr(model_lib, 'FUSED_DECODING_GPU', True)
+  monkeypatch.setattr(model_lib, 'FUSED_ON_CPU', True)
+  calls = []
+  real = model_lib.gemv_lib.gemv_out_in
+  monkeypatch.setattr(model_lib.gemv_lib, 'gemv_out_in', lambda *a, **k: calls.append(
+      tuple(sorted(n for n in ('norm', 'relu', 'residual') if k.get(n) is not None
+                   and k.get(n) is not False))) or real(*a, **k))
+  model = make('predict')
+  sampler = sampling.Sampler(model)
+  prepared = sampler._decoding_weights(weights)
+  step = jax.jit(model.pure_fn)
+  state, got = sampler._initial_state, []
+  for chunk in (ids[:, :3],) + tuple(ids[:, t:t + 1] for t in range(3, 8)):
+    logits, state = step(chunk, prepared, state, jax.random.PRNGKey(0))
+    got.append(logits)
+  # Per layer, traced once: the four products, with their fused operations.
+  assert sorted(calls) == sorted([('norm',), ('residual',), ('norm', 'relu'),
+                                  ('residual',)] * cfg['n_layers'])
+  np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5, rtol=1e-5)
+  for s, sample in zip((0, 1), samples):
+    np.testing.assert_array_equal(
+        sampler.generate(weights, prompt, 6, temperature=1.0, seed=s), sample)

@@ -168,6 +168,10 @@ class Dense(tl.Dense):
     """The kernel among this layer's weights (as trax stores it: (d_in, n_units))."""
     return self.weights[0] if self._use_bias else self.weights
 
+  def kernel_shape_out_in(self):
+    """(n_units, d_in) of the kernel as handed over after `use_kernel_out_in()`."""
+    return self.weights[0].shape if self._use_bias else self.weights.shape
+
   def forward(self, x):
     w, b = self.weights if self._use_bias else (self.weights, None)
     y = (one_row_dot_out_in(x, w, self._role) if self._kernel_out_in
@@ -361,6 +365,91 @@ class CausalDotProductAttention(base.Layer):
                     jnp.zeros((), jnp.int32))
 
 
+# A decoding step (one row) off the CPU may run each pre-norm residual block
+# of the dense decoder as fused kernels (`PreNormResidual`): the norm inside
+# the first product, the bias and ReLU or the residual addition inside the
+# products (`training.gemv.gemv_out_in`).  Timings: BENCHMARKS.md.
+FUSED_DECODING_GPU = False
+# Tests: the fused blocks on a CPU too, Pallas interpreted.
+FUSED_ON_CPU = False
+
+
+def _fused_here(x):
+  """Whether a step of input x runs the fused blocks here."""
+  return (FUSED_DECODING_GPU and math.prod(x.shape[:-1]) == 1
+          and (jax.default_backend() != 'cpu' or FUSED_ON_CPU))
+
+
+def _fusable(dense):
+  """Whether `dense` (handed its kernel transposed) fits a fused product."""
+  return (isinstance(dense, Dense) and dense._kernel_out_in  # pylint: disable=protected-access
+          and gemv_lib.fits_out_in(*dense.kernel_shape_out_in()))
+
+
+def _fused_product(x, dense, **fused):
+  """`dense`'s product of the one row x with `fused` operations (see
+  `training.gemv.gemv_out_in`) in the same kernel."""
+  w_t, bias = dense.weights if dense._use_bias else (dense.weights, None)  # pylint: disable=protected-access
+  return gemv_lib.gemv_out_in(x, w_t, bias=bias, **fused,
+                              interpret=jax.default_backend() == 'cpu')
+
+
+class PreNormResidual(tl.Serial):
+  """x + layers(x), the same sublayers and weights as `tl.Residual(*layers)`.
+
+  For layers = (LayerNorm, body, Dropout...) whose body offers
+  `fused_step(x, norm)` (the dense attention and feed-forward in 'predict'
+  mode), a decoding step off the CPU runs the block as the body's fused
+  kernels when FUSED_DECODING_GPU is on; otherwise, and for any other
+  layers, it is trax's Residual.
+  """
+
+  def __init__(self, *layers):
+    flat = tl.Serial(*layers).sublayers
+    body = flat[0] if len(flat) == 1 else tl.Serial(flat)
+    super().__init__(tl.Branch(None, body), tl.Add(), name='PreNormResidual')
+    rest = flat[2:]
+    self._norm, self._body = (flat + [None, None])[:2]
+    self._fusable = (isinstance(self._norm, LayerNorm)
+                     and hasattr(self._body, 'fused_step')
+                     and all(isinstance(r, tl.Dropout) for r in rest)
+                     and all(getattr(r, '_mode', None) == 'predict' for r in rest))
+
+  def forward(self, xs):
+    if self._fusable and _fused_here(xs):
+      scale, shift = self._norm.weights
+      y = self._body.fused_step(xs, (scale, shift, self._norm._epsilon))  # pylint: disable=protected-access
+      if y is not None:
+        return y
+    return super().forward(xs)
+
+
+class _SelfAttention(tl.Serial):
+  """`CausalSelfAttention`'s layers; `fused_step` for `PreNormResidual`."""
+
+  def __init__(self, d_model, n_heads, max_len, mode, qkv_layer):
+    super().__init__(
+        Dense(3 * d_model, role='attention'),
+        [] if qkv_layer is None else qkv_layer(mode=mode),
+        CausalDotProductAttention(n_heads, max_len=max_len, mode=mode),
+        Dense(d_model, role='attention'),
+        name='CausalSelfAttention',
+    )
+    self._plain = qkv_layer is None and mode == 'predict'
+
+  def fused_step(self, x, norm):
+    """x + this(LayerNorm(x)) for one row: the norm, the QKV product and its
+    bias in one kernel, the attention (its own kernel), the output product,
+    bias and residual in one; None where the layers do not fit."""
+    if not self._plain:
+      return None
+    qkv_dense, attention, out_dense = self.sublayers
+    if not (_fusable(qkv_dense) and _fusable(out_dense)):
+      return None
+    qkv = _fused_product(x, qkv_dense, norm=norm)
+    return _fused_product(attention.forward(qkv), out_dense, residual=x)
+
+
 def CausalSelfAttention(d_model, n_heads, max_len=2048, mode='train',
                         qkv_layer=None):
   """Fused QKV projection, causal attention, output projection.
@@ -373,12 +462,31 @@ def CausalSelfAttention(d_model, n_heads, max_len=2048, mode='train',
   if d_model % n_heads:
     raise ValueError(f'd_model ({d_model}) must be a multiple of n_heads '
                      f'({n_heads}); change one of them.')
-  return tl.Serial(
-      Dense(3 * d_model, role='attention'),
-      [] if qkv_layer is None else qkv_layer(mode=mode),
-      CausalDotProductAttention(n_heads, max_len=max_len, mode=mode),
-      Dense(d_model, role='attention'),
-  )
+  return _SelfAttention(d_model, n_heads, max_len, mode, qkv_layer)
+
+
+class _FeedForward(tl.Serial):
+  """`FeedForward`'s layers; `fused_step` for `PreNormResidual`."""
+
+  def __init__(self, d_model, d_ff, activation, dropout, mode):
+    super().__init__(
+        Dense(d_ff),
+        activation(),
+        tl.Dropout(rate=dropout, mode=mode),
+        Dense(d_model),
+        name='FeedForward',
+    )
+    self._plain = mode == 'predict' and activation is tl.Relu
+
+  def fused_step(self, x, norm):
+    """x + this(LayerNorm(x)) for one row in two kernels (norm, product,
+    bias and ReLU; product, bias and residual); None where the layers do
+    not fit."""
+    first, _, _, second = self.sublayers
+    if not (self._plain and _fusable(first) and _fusable(second)):
+      return None
+    hidden = _fused_product(x, first, norm=norm, relu=True)
+    return _fused_product(hidden, second, residual=x)
 
 
 def FeedForward(d_model, d_ff, activation=tl.Gelu, dropout=0.0, mode='train'):
@@ -391,12 +499,7 @@ def FeedForward(d_model, d_ff, activation=tl.Gelu, dropout=0.0, mode='train'):
   'attention') keep XLA's reduction form there: fused with the attention
   output, it measured faster.
   """
-  return tl.Serial(
-      Dense(d_ff),
-      activation(),
-      tl.Dropout(rate=dropout, mode=mode),
-      Dense(d_model),
-  )
+  return _FeedForward(d_model, d_ff, activation, dropout, mode)
 
 
 RESIDUALS = ('prenorm', 'prepost', 'rezero')
@@ -439,8 +542,8 @@ def DecoderBlock(d_model, d_ff, n_heads, dropout=0.0, max_len=2048,
   if residual == 'prepost':
     ff_branch = tl.Residual(*shift(), ff, norm(), drop())
   else:
-    ff_branch = tl.Residual(norm(), *shift(), ff, drop())
-  return [tl.Residual(norm(), *shift(), attention, drop()), ff_branch]
+    ff_branch = PreNormResidual(norm(), *shift(), ff, drop())
+  return [PreNormResidual(norm(), *shift(), attention, drop()), ff_branch]
 
 
 @gin.configurable(module='training')
