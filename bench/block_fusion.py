@@ -10,7 +10,9 @@ in an on-device loop at batch 1, one position per step, in two forms:
   fused: four `training.gemv.gemv_out_in` kernels per layer with the small
     operations inside them (LayerNorm + QKV product + bias; output
     projection + bias + residual; LayerNorm + first product + bias + ReLU;
-    second product + bias + residual) and the one-query attention kernel.
+    second product + bias + residual) and the one-query attention kernel
+    reading the packed projection (what `training.model.PreNormResidual`
+    runs with FUSED_DECODING_GPU), here at any tiling of the products.
 
 Both read the same weights and caches; the first step's outputs are
 compared.  Prints microseconds per layer.
@@ -45,7 +47,9 @@ flags.DEFINE_integer('pos', 30, 'the step\'s position (cache filled before it).'
 flags.DEFINE_integer('iters', 30, 'steps per timing.')
 flags.DEFINE_integer('rounds', 3, 'alternating timings of the two forms.')
 flags.DEFINE_list('tilings', [], 'also time the fused form at these '
-                  'gemv_out_in tilings, block_n:block_k:num_warps each.')
+                  'gemv_out_in tilings, block_n:block_k:num_warps each, or '
+                  'four of them joined by + (QKV, output, first and second '
+                  'feed-forward products).')
 flags.DEFINE_bool('interpret', False, 'run the Pallas kernels interpreted (a CPU check).')
 
 SHAPES = {'800m': (1024, 4096, 16), 'tiny': (64, 128, 4)}
@@ -60,23 +64,22 @@ def model_layer(d_model, d_ff, n_heads, max_len):
                   model_lib.FeedForward(d_model, d_ff, tl.Relu, mode='predict')))
 
 
-def fused_layer(x, weights, k_cache, v_cache, pos, n_heads, interpret,
-                tiling=None):
+def fused_layer(x, weights, k_cache, v_cache, pos, interpret, tilings=None):
   """One layer in four fused products and the attention kernel (the
-  products at `tiling` = (block_n, block_k, num_warps) or their default)."""
+  products at `tilings`, four (block_n, block_k, num_warps), or their
+  default)."""
   (s1, t1, w_qkv, b_qkv, w_o, b_o, s2, t2, w_1, b_1, w_2, b_2) = weights
   eps = 1e-6
-  t = dict(zip(('block_n', 'block_k', 'num_warps'), tiling or ()))
-  mv = lambda *a, **k: gemv_lib.gemv_out_in(*a, interpret=interpret, **t, **k)
+  t = [dict(zip(('block_n', 'block_k', 'num_warps'), one))
+       for one in (tilings or [()] * 4)]
+  mv = lambda i, *a, **k: gemv_lib.gemv_out_in(*a, interpret=interpret, **t[i], **k)
   d = x.shape[-1]
-  qkv = mv(x, w_qkv, bias=b_qkv, norm=(s1, t1, eps))
-  q, k, v = [a.reshape(1, 1, n_heads, d // n_heads).swapaxes(1, 2)
-             for a in jnp.split(qkv, 3, axis=-1)]
-  out, k_cache, v_cache = decode_attention.one_query_attention(
-      q, k_cache, v_cache, pos, new=(k, v), interpret=interpret)
-  x = mv(out.swapaxes(1, 2).reshape(1, 1, d), w_o, bias=b_o, residual=x)
-  h = mv(x, w_1, bias=b_1, norm=(s2, t2, eps), relu=True)
-  return mv(h, w_2, bias=b_2, residual=x), k_cache, v_cache
+  qkv = mv(0, x, w_qkv, bias=b_qkv, norm=(s1, t1, eps))
+  out, k_cache, v_cache = decode_attention.one_query_attention_packed(
+      qkv, k_cache, v_cache, pos, interpret=interpret)
+  x = mv(1, out.swapaxes(1, 2).reshape(1, 1, d), w_o, bias=b_o, residual=x)
+  h = mv(2, x, w_1, bias=b_1, norm=(s2, t2, eps), relu=True)
+  return mv(3, h, w_2, bias=b_2, residual=x), k_cache, v_cache
 
 
 def main(argv):
@@ -124,20 +127,21 @@ def main(argv):
       new.append((kc, vc))
     return x, new
 
-  def fused_step(tiling=None):
+  def fused_step(tilings=None):
     def step(carry, trees):
       x, caches = carry
       new = []
       for w, (kc, vc) in zip(trees, caches):
         x, kc, vc = fused_layer(x, jax.tree_util.tree_leaves(w), kc, vc, pos,
-                                n_heads, FLAGS.interpret, tiling)
+                                FLAGS.interpret, tilings)
         new.append((kc, vc))
       return x, new
     return step
 
   steps = {'model': model_step, 'fused': fused_step()}
   for t in FLAGS.tilings:
-    steps[f'fused {t}'] = fused_step(tuple(int(v) for v in t.split(':')))
+    parts = [tuple(int(v) for v in p.split(':')) for p in t.split('+')]
+    steps[f'fused {t}'] = fused_step(parts * 4 if len(parts) == 1 else parts)
   first = {n: np.asarray(jax.jit(s)((x0, caches), trees)[0]) for n, s in steps.items()}
   scale = np.abs(first['model']).max()
   for n in steps:
@@ -147,14 +151,15 @@ def main(argv):
   for _ in range(FLAGS.rounds):
     for n, s in steps.items():
       sec, _ = _loop_time(s, (x0, caches), trees, FLAGS.iters)
-      times[n].append(sec / FLAGS.layers * 1e6)
+      times[n].append(sec / FLAGS.iters / FLAGS.layers * 1e6)
   print('| form | us per layer (rounds) | median |\n|---|---|---:|')
   for n, t in times.items():
     print(f'| {n} | {" / ".join(f"{v:.2f}" for v in t)} | {np.median(t):.2f} |')
 
 
 def _loop_time(step, carry, consts, iters):
-  """Seconds per iteration of carry = step(carry, consts) in one jitted loop."""
+  """(seconds of `iters` iterations of carry = step(carry, consts) in one
+  jitted loop, the fastest of 3 calls; the final carry)."""
   @jax.jit
   def loop(carry, consts):
     return jax.lax.fori_loop(0, iters, lambda i, c: step(c, consts), carry)

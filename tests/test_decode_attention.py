@@ -101,6 +101,34 @@ def test_with_the_new_key_and_value_it_updates_the_caches(pos, tiling):
   np.testing.assert_array_equal(v_out, v_want)
 
 
+@pytest.mark.parametrize('batch,heads,tiling', [
+    (1, 4, {}), (2, 3, {}), (2, 4, dict(block_len=16, n_splits=2))])
+def test_packed_projection_equals_separate_q_k_v(batch, heads, tiling):
+  """one_query_attention_packed reads q, k, v from the packed [Q | K | V]
+  projection of each sequence and gives what one_query_attention gives
+  for the three slices: the output and both updated caches."""
+  rng = np.random.RandomState(batch * heads)
+  max_len, d_head, pos = 64, 16, 21
+  qkv = rng.randn(batch, 1, 3 * heads * d_head).astype(np.float32)
+  k = rng.randn(batch, heads, max_len, d_head).astype(np.float32)
+  v = rng.randn(batch, heads, max_len, d_head).astype(np.float32)
+  q_, k_, v_ = (a.reshape(batch, heads, 1, d_head)  # (b, 1, h, dh) heads first
+                for a in np.split(qkv.reshape(batch, 3 * heads * d_head), 3, axis=-1))
+  want = decode_attention.one_query_attention(
+      q_, k, v, jnp.int32(pos), new=(k_, v_), interpret=True, **tiling)
+  got = jax.jit(lambda *a: decode_attention.one_query_attention_packed(
+      *a, interpret=True, **tiling))(qkv, k, v, jnp.int32(pos))
+  assert got[0].shape == (batch, heads, 1, d_head)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
+  for g, w in zip(got[1:], want[1:]):  # the caches: the same values written
+    np.testing.assert_array_equal(g, w)
+  k_full = np.asarray(want[1])
+  np.testing.assert_allclose(got[0], _reference(q_, k_full, np.asarray(want[2]), pos),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='packed projection'):
+    decode_attention.one_query_attention_packed(qkv[..., :-1], k, v, jnp.int32(pos))
+
+
 @pytest.mark.parametrize('form', ['pallas', 'pallas_attend'])
 @pytest.mark.parametrize('mix', [{}, dict(attention_sparsity=4)])
 def test_models_decode_through_the_kernel_as_in_eval_mode(form, mix, monkeypatch):
@@ -111,13 +139,20 @@ def test_models_decode_through_the_kernel_as_in_eval_mode(form, mix, monkeypatch
   from terraformer import models  # pylint: disable=g-import-not-at-top
   calls = []
   kernel = decode_attention.one_query_attention
+  packed = decode_attention.one_query_attention_packed
 
   def interpreted(*args, **kwargs):
     calls.append(kwargs.get('new') is not None)
     return kernel(*args, interpret=True, **kwargs)
+
+  def packed_interpreted(*args, **kwargs):
+    calls.append('packed')
+    return packed(*args, interpret=True, **kwargs)
   monkeypatch.setattr(model_lib, 'ONE_QUERY_GPU', form)
-  monkeypatch.setattr(model_lib, '_one_query_kernel', lambda q, k: True)
+  monkeypatch.setattr(model_lib, '_one_query_kernel', lambda max_len, d_head: True)
   monkeypatch.setattr(decode_attention, 'one_query_attention', interpreted)
+  monkeypatch.setattr(decode_attention, 'one_query_attention_packed',
+                      packed_interpreted)
   cfg = dict(vocab_size=24, d_model=32, d_ff=64, n_layers=2, n_heads=4,
              max_len=64, **mix)
   eval_model = models.TerraformerLM(mode='eval', **cfg)
@@ -132,5 +167,8 @@ def test_models_decode_through_the_kernel_as_in_eval_mode(form, mix, monkeypatch
     logits, state = step(chunk, eval_model.weights, state)
     got.append(logits)
   np.testing.assert_allclose(np.concatenate(got, 1), want, rtol=1e-5, atol=1e-5)
-  # The one-token steps ran the kernel, with the update in it for 'pallas'.
-  assert calls and all(c == (form == 'pallas') for c in calls)
+  # The one-token steps ran the kernel, with the update in it for 'pallas'
+  # (the dense attention's reading q, k and v from its packed projection).
+  want_call = ('packed' if form == 'pallas' and not mix
+               else form == 'pallas')
+  assert calls and all(c == want_call for c in calls)

@@ -86,7 +86,6 @@ def one_query_attention(q, k_cache, v_cache, pos, *, new=None, block_len=None,
     (..., 1, d_head) in the dtype of q; with `new`, (that, k_cache, v_cache).
   """
   *lead, t, d_head = q.shape
-  max_len = k_cache.shape[-2]
   if t != 1:
     raise ValueError(f'one_query_attention takes one query per row, got {t}')
   if k_cache.shape != v_cache.shape or tuple(k_cache.shape[:-2]) != tuple(lead):
@@ -95,6 +94,36 @@ def one_query_attention(q, k_cache, v_cache, pos, *, new=None, block_len=None,
   if new is not None and any(a.shape != q.shape for a in new):
     raise ValueError(f'new keys and values {[a.shape for a in new]} do not '
                      f'fit the queries {q.shape}')
+  return _one_query(q, k_cache, v_cache, pos, new is not None, 0, q.shape,
+                    block_len, n_splits, num_warps, interpret,
+                    [] if new is None else list(new))
+
+
+def one_query_attention_packed(qkv, k_cache, v_cache, pos, *, block_len=None,
+                               n_splits=None, num_warps=None, interpret=False):
+  """`one_query_attention(q, ..., new=(k, v))` with q, k and v read from
+  one packed projection: qkv (batch, 1, 3 * heads * d_head), laid out
+  [Q | K | V], each heads x d_head (as `training.model.CausalSelfAttention`
+  projects them).  The kernel reads each row of the projection in place, so
+  no copies of the three slices are made first.
+
+  Returns (out (batch, heads, 1, d_head), k_cache, v_cache), caches
+  (batch, heads, max_len, d_head).
+  """
+  b, h, _, d_head = k_cache.shape
+  if k_cache.shape != v_cache.shape or qkv.shape != (b, 1, 3 * h * d_head):
+    raise ValueError(f'packed projection {qkv.shape} and caches '
+                     f'{k_cache.shape}, {v_cache.shape} do not fit: want '
+                     f'({b}, 1, {3 * h * d_head}) and equal caches')
+  return _one_query(qkv, k_cache, v_cache, pos, True, h, (b, h, 1, d_head),
+                    block_len, n_splits, num_warps, interpret, [])
+
+
+def _one_query(q, k_cache, v_cache, pos, update, packed_heads, out_shape_q,
+               block_len, n_splits, num_warps, interpret, new):
+  """The kernel's call; q (or the packed projection, where packed_heads is
+  its number of heads) and the new (k, v) as checked by the callers."""
+  *lead, max_len, d_head = k_cache.shape
   rows = 1
   for n in lead:
     rows *= n
@@ -107,7 +136,6 @@ def one_query_attention(q, k_cache, v_cache, pos, *, new=None, block_len=None,
                      f'{n_splits} must divide max_len {max_len}')
   span = max_len // n_splits  # positions per split
   scale = d_head ** -0.5
-  update = new is not None
 
   def kernel(pos_ref, q_ref, *refs):
     if update:
@@ -119,7 +147,7 @@ def one_query_attention(q, k_cache, v_cache, pos, *, new=None, block_len=None,
     end = last if update else last + 1  # cache positions read: < end
     start = split * span
     n = jnp.clip((end - 1 - start) // block_len + 1, 0, span // block_len)
-    qv = q_ref[0, :].astype(jnp.float32)
+    qv = q_ref[0, 0, 0, :].astype(jnp.float32)
 
     def body(i, carry):
       m, l, acc = carry
@@ -139,8 +167,8 @@ def one_query_attention(q, k_cache, v_cache, pos, *, new=None, block_len=None,
         0, n, body, (jnp.float32(_MASKED), jnp.float32(0.0),
                      jnp.zeros((d_head,), jnp.float32)))
     if update:  # position `last` from (k, v) itself, counted by split 0
-      kn = kn_ref[0, :].astype(jnp.float32)
-      vn = vn_ref[0, :].astype(jnp.float32)
+      kn = kn_ref[0, 0, 0, :].astype(jnp.float32)
+      vn = vn_ref[0, 0, 0, :].astype(jnp.float32)
       mine = split == 0
       s = jnp.where(mine, jnp.sum(kn * qv) * scale, _MASKED)
       m_new = jnp.maximum(m, s)
@@ -150,17 +178,19 @@ def one_query_attention(q, k_cache, v_cache, pos, *, new=None, block_len=None,
 
       @pl.when(mine)
       def _():
-        ko_ref[0, pl.ds(last, 1), :] = kn_ref[...].astype(ko_ref.dtype)
-        vo_ref[0, pl.ds(last, 1), :] = vn_ref[...].astype(vo_ref.dtype)
+        ko_ref[0, pl.ds(last, 1), :] = kn_ref[0, 0].astype(ko_ref.dtype)
+        vo_ref[0, pl.ds(last, 1), :] = vn_ref[0, 0].astype(vo_ref.dtype)
 
     m_ref[...] = jnp.broadcast_to(m, (1, 1))
     l_ref[...] = jnp.broadcast_to(l, (1, 1))
+    if n_splits == 1:  # the whole softmax here: the output itself
+      acc = acc / l
     acc_ref[...] = acc.reshape(1, 1, d_head)
 
   params = {}
   if pl_triton is not None and not interpret:
     params['compiler_params'] = pl_triton.CompilerParams(num_warps=num_warps)
-  row = pl.BlockSpec((1, d_head), lambda r, s: (r, 0))
+  row = pl.BlockSpec((1, 1, 1, d_head), lambda r, s: (r, 0, 0, 0))
   cache = pl.BlockSpec((1, max_len, d_head), lambda r, s: (r, 0, 0))
   caches = (k_cache.reshape(rows, max_len, d_head),
             v_cache.reshape(rows, max_len, d_head))
@@ -170,12 +200,21 @@ def one_query_attention(q, k_cache, v_cache, pos, *, new=None, block_len=None,
   out_specs = [pl.BlockSpec((1, 1), lambda r, s: (r, s)),
                pl.BlockSpec((1, 1), lambda r, s: (r, s)),
                pl.BlockSpec((1, 1, d_head), lambda r, s: (r, s, 0))]
-  args = [jnp.reshape(pos, (1,)).astype(jnp.int32), q.reshape(rows, d_head)]
-  in_specs = [pl.BlockSpec((1,), lambda r, s: (0,)), row]
+  args = [jnp.reshape(pos, (1,)).astype(jnp.int32)]
+  in_specs = [pl.BlockSpec((1,), lambda r, s: (0,))]
+  if packed_heads:  # q, k and v: blocks of one (b, 1, 3, h, d_head) array
+    qkv = q.reshape(rows // packed_heads, 3, packed_heads, d_head)
+    for j in range(3 if update else 1):
+      args.append(qkv)
+      in_specs.append(pl.BlockSpec(
+          (1, 1, 1, d_head),
+          lambda r, s, j=j: (r // packed_heads, j, r % packed_heads, 0)))
+  else:
+    for a in [q] + new:
+      args.append(a.reshape(rows, 1, 1, d_head))
+      in_specs.append(row)
   aliases = {}
   if update:
-    args += [a.reshape(rows, d_head) for a in new]
-    in_specs += [row, row]
     aliases = {len(args): 3, len(args) + 1: 4}  # the caches, updated in place
     out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
     out_specs += [cache, cache]
@@ -191,12 +230,12 @@ def one_query_attention(q, k_cache, v_cache, pos, *, new=None, block_len=None,
   )(*args, *caches)
   m, l, acc = outs[:3]
   if n_splits == 1:
-    out = acc[:, 0] / l
+    out = acc[:, 0]
   else:  # combine the splits' partial softmaxes
     w = jnp.exp(m - jnp.max(m, axis=1, keepdims=True))  # (rows, splits)
     out = jnp.sum(w[..., None] * acc, axis=1) / jnp.sum(w * l, axis=1,
                                                         keepdims=True)
-  out = out.astype(q.dtype).reshape(q.shape)
+  out = out.astype(q.dtype).reshape(out_shape_q)
   if not update:
     return out
   return (out, outs[3].reshape(k_cache.shape), outs[4].reshape(v_cache.shape))

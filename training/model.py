@@ -275,13 +275,14 @@ def cached_attention(q, k_cache, v_cache, pos):
                         q, k_cache, v_cache, pos)
 
 
-def _one_query_kernel(q, k_cache):
-  """Whether a one-query step here runs a `decode_attention` kernel."""
+def _one_query_kernel(max_len, d_head):
+  """Whether a one-query step over caches of `max_len` positions of
+  `d_head` here runs a `decode_attention` kernel."""
   if ONE_QUERY_GPU not in ONE_QUERY_GPU_FORMS:
     raise ValueError(f'ONE_QUERY_GPU must be one of {ONE_QUERY_GPU_FORMS}, '
                      f'not {ONE_QUERY_GPU!r}')
   return (jax.default_backend() != 'cpu' and ONE_QUERY_GPU != 'xla'
-          and decode_attention.fits(k_cache.shape[-2], q.shape[-1]))
+          and decode_attention.fits(max_len, d_head))
 
 
 def cache_step(q, k, v, k_cache, v_cache, pos):
@@ -300,7 +301,7 @@ def cache_step(q, k, v, k_cache, v_cache, pos):
     `cached_attention` after the updates.
   """
   k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-  kernel = q.shape[-2] == 1 and _one_query_kernel(q, k_cache)
+  kernel = q.shape[-2] == 1 and _one_query_kernel(*k_cache.shape[-2:])
   if kernel and ONE_QUERY_GPU == 'pallas':
     return decode_attention.one_query_attention(q, k_cache, v_cache, pos,
                                                 new=(k, v))
@@ -349,8 +350,15 @@ class CausalDotProductAttention(base.Layer):
       # them in place: no per-token transpose of the whole cache.
       k_cache, v_cache, pos = self.state
       heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # (b, h, t, dh)
-      out, k_cache, v_cache = cache_step(
-          heads_first(q), heads_first(k), heads_first(v), k_cache, v_cache, pos)
+      if (t == 1 and ONE_QUERY_GPU == 'pallas'
+          and _one_query_kernel(*k_cache.shape[-2:])):
+        # The kernel reads q, k and v from the packed projection in place.
+        out, k_cache, v_cache = decode_attention.one_query_attention_packed(
+            qkv.reshape(b, t, -1), k_cache, v_cache, pos)
+      else:
+        out, k_cache, v_cache = cache_step(
+            heads_first(q), heads_first(k), heads_first(v), k_cache, v_cache,
+            pos)
       out = heads_first(out)
       self.state = (k_cache, v_cache, pos + t)
     return out.reshape(b, t, -1)
