@@ -1,0 +1,59 @@
+r"""Do two forms of a decoding step choose the same tokens?  (A GPU check.)
+
+Samples greedily from one random-weight model of `decode_speed.py`'s
+shapes with `training.model.FUSED_DECODING_GPU` off and on (each form its
+own Sampler, compiled with the switch set) and prints the share of equal
+tokens and where they first differ.  Greedy decoding on random weights
+meets near ties, so a rare late difference is rounding; an early or
+frequent one is a bug.
+
+    python bench/decode_agreement.py --shape=small --batch=2 --n_tokens=150
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from bench import decode_speed  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('n_tokens', 150, 'tokens decoded.')
+flags.DEFINE_integer('seed', 0, 'weights and prompt.')
+
+
+def main(argv):
+  del argv
+  from terraformer import models  # pylint: disable=g-import-not-at-top
+  from training import model as model_lib  # pylint: disable=g-import-not-at-top
+  from training import sampling  # pylint: disable=g-import-not-at-top
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  print(jax.devices()[0].device_kind, jax.__version__)
+  kwargs = decode_speed.model_kwargs(FLAGS.shape, 'dense')
+  max_len = max(FLAGS.max_len, FLAGS.n_tokens + 8)
+  eval_model = models.TerraformerLM(mode='eval', max_len=max_len, **kwargs)
+  eval_model.init(shapes.ShapeDtype((1, 8), np.int32),
+                  rng=jax.random.PRNGKey(FLAGS.seed))
+  weights = jax.device_put(eval_model.weights)
+  prompt = np.random.RandomState(FLAGS.seed).randint(
+      0, kwargs['vocab_size'], (FLAGS.batch, 4)).astype(np.int32)
+  out = {}
+  for fused in (False, True):
+    model_lib.FUSED_DECODING_GPU = fused
+    sampler = sampling.Sampler(
+        models.TerraformerLM(mode='predict', max_len=max_len, **kwargs),
+        batch_size=FLAGS.batch)
+    out[fused] = np.asarray(sampler.generate(weights, prompt, FLAGS.n_tokens,
+                                             temperature=0.0))
+  same = out[False] == out[True]
+  first = [int(np.argmin(r)) if not r.all() else None for r in same]
+  print(f'{FLAGS.shape}, batch {FLAGS.batch}, {FLAGS.n_tokens} greedy tokens: '
+        f'{same.mean():.1%} equal (fused off / on); first difference per row: {first}')
+
+
+if __name__ == '__main__':
+  app.run(main)
