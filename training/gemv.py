@@ -28,6 +28,13 @@ few whole contiguous rows and no partial sums are left.  On the H100
 attention matrix and 8.50 us per feed-forward matrix, while XLA's own dot
 over the transposed kernel took 4.54 and 7.50 us (1.85 and 2.24 TB/s), so
 the out-in layers use XLA's dot unless a role asks for 'gemv'.
+
+With a decoder block's small operations inside it (the LayerNorm before,
+bias, ReLU and residual addition after: `gemv_out_in`'s `norm`, `bias`,
+`relu`, `residual`), `gemv_out_in` is what the dense decoder runs on a GPU
+(`training.model.PreNormResidual`): fewer kernels beat XLA's faster plain
+product (bench/block_fusion.py on an H200, s25: 26.9 against 32.6 us per
+800M layer).
 """
 import jax
 from jax.experimental import pallas as pl

@@ -373,11 +373,15 @@ class CausalDotProductAttention(base.Layer):
                     jnp.zeros((), jnp.int32))
 
 
-# A decoding step (one row) off the CPU may run each pre-norm residual block
-# of the dense decoder as fused kernels (`PreNormResidual`): the norm inside
-# the first product, the bias and ReLU or the residual addition inside the
-# products (`training.gemv.gemv_out_in`).  Timings: BENCHMARKS.md.
-FUSED_DECODING_GPU = False
+# A decoding step (one row) off the CPU runs each pre-norm residual block of
+# the dense decoder as fused kernels (`PreNormResidual`): the norm inside the
+# first product, the bias and ReLU or the residual addition inside the
+# products (`training.gemv.gemv_out_in`), the attention reading the packed
+# projection (`decode_attention.one_query_attention_packed`): 5 kernels per
+# layer where XLA ran about 13.  The 800M dense decoder then took 0.81
+# against 0.90 ms/token on an H100 and 0.59-0.63 against 0.78-0.79 on an H200,
+# the same greedy tokens (BENCHMARKS.md, s25).  False: XLA's kernels.
+FUSED_DECODING_GPU = True
 # Tests: the fused blocks on a CPU too, Pallas interpreted.
 FUSED_ON_CPU = False
 
