@@ -1,9 +1,10 @@
 r"""Do two forms of a decoding step choose the same tokens?  (A GPU check.)
 
 Samples greedily from one random-weight model of `decode_speed.py`'s
-shapes with `training.model.FUSED_DECODING_GPU` off and on (each form its
-own Sampler, compiled with the switch set) and prints the share of equal
-tokens and where they first differ.  Greedy decoding on random weights
+shapes and variants with the fused decoding blocks off and on
+(`training.model.FUSED_DECODING_GPU`, and `terraformer.sparse_ff`'s; each
+form its own Sampler, compiled with the switches set) and prints the share
+of equal tokens and where they first differ.  Greedy decoding on random weights
 meets near ties, so a rare late difference is rounding; an early or
 frequent one is a bug.
 
@@ -24,16 +25,18 @@ from bench import decode_speed  # pylint: disable=g-import-not-at-top
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('n_tokens', 150, 'tokens decoded.')
 flags.DEFINE_integer('seed', 0, 'weights and prompt.')
+flags.DEFINE_string('variant', 'dense', 'one of decode_speed.VARIANTS.')
 
 
 def main(argv):
   del argv
   from terraformer import models  # pylint: disable=g-import-not-at-top
+  from terraformer import sparse_ff  # pylint: disable=g-import-not-at-top
   from training import model as model_lib  # pylint: disable=g-import-not-at-top
   from training import sampling  # pylint: disable=g-import-not-at-top
   from trax import shapes  # pylint: disable=g-import-not-at-top
   print(jax.devices()[0].device_kind, jax.__version__)
-  kwargs = decode_speed.model_kwargs(FLAGS.shape, 'dense')
+  kwargs = decode_speed.model_kwargs(FLAGS.shape, FLAGS.variant)
   max_len = max(FLAGS.max_len, FLAGS.n_tokens + 8)
   eval_model = models.TerraformerLM(mode='eval', max_len=max_len, **kwargs)
   eval_model.init(shapes.ShapeDtype((1, 8), np.int32),
@@ -43,7 +46,7 @@ def main(argv):
       0, kwargs['vocab_size'], (FLAGS.batch, 4)).astype(np.int32)
   out = {}
   for fused in (False, True):
-    model_lib.FUSED_DECODING_GPU = fused
+    model_lib.FUSED_DECODING_GPU = sparse_ff.FUSED_DECODING_GPU = fused
     sampler = sampling.Sampler(
         models.TerraformerLM(mode='predict', max_len=max_len, **kwargs),
         batch_size=FLAGS.batch)
@@ -51,7 +54,7 @@ def main(argv):
                                              temperature=0.0))
   same = out[False] == out[True]
   first = [int(np.argmin(r)) if not r.all() else None for r in same]
-  print(f'{FLAGS.shape}, batch {FLAGS.batch}, {FLAGS.n_tokens} greedy tokens: '
+  print(f'{FLAGS.variant}, {FLAGS.shape}, batch {FLAGS.batch}, {FLAGS.n_tokens} greedy tokens: '
         f'{same.mean():.1%} equal (fused off / on); first difference per row: {first}')
 
 

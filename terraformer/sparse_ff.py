@@ -36,12 +36,32 @@ shape, not in behaviour:
     for exactly one row in `BlockSparseFF`.)
 """
 
+import math
+
 import jax
 from jax import numpy as jnp
+from jax.experimental import pallas as pl
 from trax.layers import base
 from trax.layers import initializers as init
 
+from training import gemv as gemv_lib
+from training import model as model_lib
+
+try:  # the Triton backend's options (absent from some jaxlib builds)
+  from jax.experimental.pallas import triton as pl_triton
+except ImportError:  # pragma: no cover
+  pl_triton = None
+
 MODES = ('train', 'eval', 'predict')
+
+# A decoding step (one row) off the CPU may run `SparseFF` inside its
+# pre-norm block (`training.model.PreNormResidual`, with FUSED_DECODING_GPU
+# there) as two Pallas kernels and one sum: the LayerNorm and the
+# controller's first product in one (`training.gemv.gemv_out_in`), then one
+# program per block of N units that computes the block's controller logits,
+# picks its unit and multiplies that unit's rows of W1 and W2
+# (`_chosen_units`).  Off until timed on a GPU.
+FUSED_DECODING_GPU = False
 
 # Key that trax's `ReversibleHalfResidual.reverse_and_grad` looks for in a
 # layer state `(saved, {'running_second_time': ()})`; it hands the layer
@@ -182,6 +202,56 @@ class SparseFF(base.Layer):
     self._ff_chunk_size = ff_chunk_size
     self._multiply = multiply_by_controller_output
     self._kernel_scaling = kernel_scaling
+    self._fused_form = False  # weights in the fused decoding form
+
+  def _lowrank_padded(self):
+    """The controller's inner width padded to a power of 2 (at least 16)."""
+    return max(16, 1 << (self._d_lowrank - 1).bit_length())
+
+  def use_decoding_form(self):
+    """Switches a predict-mode layer decoding one row off the CPU, with
+    FUSED_DECODING_GPU and training.model's fused blocks on, to the fused
+    decoding form and returns the function that makes it from the layer's
+    weights (see `decoding_form`); None, and no switch, otherwise."""
+    d_model = self.weights[3].shape[-1] if self.weights else 0
+    if not (FUSED_DECODING_GPU and self._mode == 'predict'
+            and not self._multiply and model_lib.fused_decoding_here()
+            and self.state[0].shape[0] == 1 and _power_of_2(self._n)
+            and _power_of_2(d_model)
+            and gemv_lib.fits_out_in(self._lowrank_padded(), d_model)):
+      return None
+    self._fused_form = True
+    return self.decoding_form
+
+  def decoding_form(self, weights):
+    """(m1, m2, mb, w1, w2, b2) -> (m1 transposed, (L, d_model); m2 as
+    (d1, N, L); mb, w1, w2, b2 as they are), the controller's inner width
+    padded with zeros to L = `_lowrank_padded()`."""
+    m1, m2, mb, w1, w2, b2 = weights
+    pad = self._lowrank_padded() - self._d_lowrank
+    m1_t = jnp.pad(m1.T, ((0, pad), (0, 0)))
+    m2_f = jnp.pad(jnp.transpose(m2, (1, 2, 0)), ((0, 0), (0, 0), (0, pad)))
+    return (m1_t, m2_f, mb, w1, w2, b2)
+
+  def _controller_weights(self):
+    """(m1, m2, mb) as trax lays them out, from either form."""
+    m1, m2, mb = self.weights[:3]
+    if not self._fused_form:
+      return m1, m2, mb
+    r = self._d_lowrank
+    return m1[:r].T, jnp.transpose(m2[..., :r], (2, 0, 1)), mb
+
+  def fused_step(self, x, norm):
+    """x + this(LayerNorm(x)) for one row in the fused decoding form (see
+    FUSED_DECODING_GPU); None where that does not apply."""
+    if not self._fused_form or math.prod(x.shape[:-1]) != 1:
+      return None
+    m1_t, m2_f, mb, w1, w2, b2 = self.weights
+    interpret = jax.default_backend() == 'cpu'
+    z = gemv_lib.gemv_out_in(x, m1_t, norm=norm, interpret=interpret)
+    parts = _chosen_units(x, norm, z, m2_f, mb, w1, w2, interpret)
+    y = jnp.sum(parts, axis=0) + b2.astype(jnp.float32) + x.reshape(-1)
+    return y.astype(x.dtype).reshape(x.shape)
 
   def init_weights_and_state(self, input_signature):
     """Initialises weights as trax does (shapes in the class docstring)."""
@@ -265,7 +335,7 @@ class SparseFF(base.Layer):
     The softmax (rows, d1, N) is computed where it is used: in training and
     with `multiply_by_controller_output`.
     """
-    m1, m2, mb = self.weights[:3]
+    m1, m2, mb = self._controller_weights()
     # x @ m1 first: the (rows, d_lowrank) intermediate is the small one.
     logits = jnp.reshape((x @ m1) @ jnp.reshape(m2, (m2.shape[0], -1)),
                          (x.shape[0],) + mb.shape) + mb  # (rows, d1, N)
@@ -319,6 +389,58 @@ class SparseFF(base.Layer):
       h = h * soft
     return (jnp.reshape(h, (rows, self._d_ff))
             @ jnp.reshape(w2, (self._d_ff, d_model))) + b2
+
+
+def _power_of_2(n):
+  return n > 0 and not n & (n - 1)
+
+
+def _chosen_units(x, norm, z, m2_f, mb, w1, w2, interpret):
+  """`SparseFF`'s chosen units for one row, one program per block of N.
+
+  x: the row before its LayerNorm, norm = (scale, shift, epsilon); z: the
+  controller's low-rank vector LayerNorm(x) @ m1, zero-padded to L; m2_f
+  (d1, N, L), mb (d1, N), w1 and w2 (d1, N, d_model).  Program j computes
+  block j's logits z @ m2_f[j] + mb[j], picks the first of their maxima k,
+  and writes relu(LayerNorm(x) . w1[j, k]) * w2[j, k]: (d1, d_model) float32
+  rows whose sum is the layer's output less b2.
+  """
+  scale, shift, epsilon = norm
+  d1, n, width = m2_f.shape
+  d_model = x.shape[-1]
+
+  def kernel(x_ref, s_ref, t_ref, z_ref, m2_ref, mb_ref, w1_ref, w2_ref, o_ref):
+    xf = x_ref[...].astype(jnp.float32)
+    mean = jnp.mean(xf)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean)) + epsilon)
+    xn = ((xf - mean) * rstd * s_ref[...].astype(jnp.float32)
+          + t_ref[...].astype(jnp.float32))
+    logits = (jnp.sum(m2_ref[0].astype(jnp.float32)
+                      * z_ref[...].astype(jnp.float32)[None, :], axis=1)
+              + mb_ref[0].astype(jnp.float32))
+    iota = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+    k = jnp.min(jnp.where(logits == jnp.max(logits), iota, n))
+    w1_row = w1_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
+    h = jnp.maximum(jnp.sum(w1_row * xn[None, :]), 0.0)
+    o_ref[...] = h * w2_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
+
+  whole = lambda size: pl.BlockSpec((size,), lambda j: (0,))
+  rows = pl.BlockSpec((1, n, d_model), lambda j: (j, 0, 0))
+  params = {}
+  if pl_triton is not None and not interpret:
+    params['compiler_params'] = pl_triton.CompilerParams(num_warps=4)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((d1, d_model), jnp.float32),
+      grid=(d1,),
+      in_specs=[whole(d_model), whole(d_model), whole(d_model), whole(width),
+                pl.BlockSpec((1, n, width), lambda j: (j, 0, 0)),
+                pl.BlockSpec((1, n), lambda j: (j, 0)), rows, rows],
+      out_specs=pl.BlockSpec((1, d_model), lambda j: (j, 0)),
+      interpret=interpret,
+      **params,
+  )(x.reshape(d_model), scale.reshape(d_model), shift.reshape(d_model),
+    z.reshape(width), m2_f, mb, w1, w2)
 
 
 class BlockSparseFF(base.Layer):

@@ -235,3 +235,63 @@ def test_flop_count_includes_the_sparse_qkv_attention_scores():
   lm.init(shapes.ShapeDtype((1, seq), np.int32))
   weights_only = 6 * trainer_lib._matmul_params(lm)  # pylint: disable=protected-access
   assert trainer_lib.train_flops_per_token(lm, seq) == weights_only + 6 * n * d * seq
+
+
+def _sparse_ffs(layer):
+  found = [layer] if isinstance(layer, sparse_ff.SparseFF) else []
+  for sub in layer.sublayers:
+    found += _sparse_ffs(sub)
+  return found
+
+
+@pytest.mark.parametrize('mix', ['ff', 'all'])
+def test_fused_sparse_ff_decoding_gives_eval_logits_and_the_same_samples(
+    mix, monkeypatch):
+  """With the fused decoding blocks and sparse_ff.FUSED_DECODING_GPU on (run
+  here on a CPU, Pallas interpreted) the Sampler hands each SparseFF its
+  fused form (controller padded and transposed); one-row steps then run the
+  per-block kernel, the logits equal eval mode's token by token (the
+  prompt's rows through the plain form), and the samples equal those of a
+  Sampler without the fusion."""
+  from training import model as model_lib  # pylint: disable=g-import-not-at-top
+  eval_model = _eval_model(mix, batch=1, length=10)
+  weights = eval_model.weights
+  prompt = np.array([[1, 2, 3]], np.int32)
+  reference = sampling.Sampler(models.TerraformerLM(mode='predict', **CFG, **MIXES[mix]))
+  samples = [reference.generate(weights, prompt, 8, temperature=1.0, seed=s)
+             for s in (0, 1)]
+  assert not any(f._fused_form for f in _sparse_ffs(reference._model))
+
+  monkeypatch.setattr(model_lib, 'FUSED_DECODING_GPU', True)
+  monkeypatch.setattr(model_lib, 'FUSED_ON_CPU', True)
+  monkeypatch.setattr(sparse_ff, 'FUSED_DECODING_GPU', True)
+  calls = []
+  real = sparse_ff._chosen_units
+  monkeypatch.setattr(sparse_ff, '_chosen_units',
+                      lambda *a: calls.append(a[3].shape) or real(*a))
+  model = models.TerraformerLM(mode='predict', **CFG, **MIXES[mix])
+  sampler = sampling.Sampler(model)
+  ffs = _sparse_ffs(model)
+  assert len(ffs) == CFG['n_layers'] and all(f._fused_form for f in ffs)
+  prepared = sampler._decoding_weights(weights)
+  d1, n, lowrank = 8, 8, 8  # d_ff 64 in blocks of 8; controller width 8 -> 16
+  for f in ffs:
+    path = next(p for p, _ in sampler._forms if sampling.subtree_at(
+        model.weights, p) is f.weights)
+    plain, form = sampling.subtree_at(weights, path), sampling.subtree_at(prepared, path)
+    assert form[0].shape == (16, CFG['d_model']) and form[1].shape == (d1, n, 16)
+    np.testing.assert_array_equal(form[0][:lowrank], np.asarray(plain[0]).T)
+    assert not np.asarray(form[0][lowrank:]).any() and not np.asarray(form[1][..., lowrank:]).any()
+
+  ids = np.random.RandomState(0).randint(0, CFG['vocab_size'], (1, 10)).astype(np.int32)
+  want = np.asarray(eval_model(ids))
+  step = jax.jit(model.pure_fn)
+  state, got = sampler._initial_state, []
+  for chunk in (ids[:, :4],) + tuple(ids[:, t:t + 1] for t in range(4, 10)):
+    logits, state = step(chunk, prepared, state, jax.random.PRNGKey(0))
+    got.append(logits)
+  assert calls == [(d1, n, 16)] * CFG['n_layers']  # traced once, one-row steps
+  np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5, rtol=1e-5)
+  for s, sample in zip((0, 1), samples):
+    np.testing.assert_array_equal(
+        sampler.generate(weights, prompt, 8, temperature=1.0, seed=s), sample)

@@ -386,10 +386,14 @@ FUSED_DECODING_GPU = True
 FUSED_ON_CPU = False
 
 
+def fused_decoding_here():
+  """Whether decoding steps of one row run the fused blocks on this backend."""
+  return FUSED_DECODING_GPU and (jax.default_backend() != 'cpu' or FUSED_ON_CPU)
+
+
 def _fused_here(x):
   """Whether a step of input x runs the fused blocks here."""
-  return (FUSED_DECODING_GPU and math.prod(x.shape[:-1]) == 1
-          and (jax.default_backend() != 'cpu' or FUSED_ON_CPU))
+  return math.prod(x.shape[:-1]) == 1 and fused_decoding_here()
 
 
 def _fusable(dense):
