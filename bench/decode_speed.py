@@ -84,7 +84,7 @@ flags.DEFINE_enum('one_row_gemm', 'auto', ['auto', 'on', 'off'],
                   'training.model.ONE_ROW_AS_GEMM: how Dense multiplies one '
                   'row (auto: a two-row GEMM off the CPU).')
 flags.DEFINE_bool('cpu_kernels_out_in', True, 'On a CPU, hand Dense layers their kernels transposed (training.sampling.CPU_KERNELS_OUT_IN).')
-flags.DEFINE_enum('one_query_gpu', None, ['pallas', 'pallas_attend', 'xla'], 'Off a CPU, a decoding step\'s cache update and attention (training.model.ONE_QUERY_GPU; default: its value).')
+flags.DEFINE_enum('one_query_gpu', None, ['pallas', 'xla'], 'Off a CPU, a decoding step\'s cache update and attention (training.model.ONE_QUERY_GPU; default: its value).')
 flags.DEFINE_bool('decoding_forms', True, 'Hand layers that offer one their weights in a decoding form (training.sampling.DECODING_FORMS): ConvQKV its kernels side by side.')
 flags.DEFINE_bool('fused_decoding_gpu', None, 'Off a CPU, run the dense decoder\'s pre-norm blocks as fused products (training.model.FUSED_DECODING_GPU; default: its value).')
 flags.DEFINE_bool('fused_sparse_ff_gpu', None, 'Off a CPU, with the fused blocks, run SparseFF\'s decoding step as its per-block kernel (terraformer.sparse_ff.FUSED_DECODING_GPU; default: its value).')

@@ -129,9 +129,8 @@ def test_packed_projection_equals_separate_q_k_v(batch, heads, tiling):
     decode_attention.one_query_attention_packed(qkv[..., :-1], k, v, jnp.int32(pos))
 
 
-@pytest.mark.parametrize('form', ['pallas', 'pallas_attend'])
 @pytest.mark.parametrize('mix', [{}, dict(attention_sparsity=4)])
-def test_models_decode_through_the_kernel_as_in_eval_mode(form, mix, monkeypatch):
+def test_models_decode_through_the_kernel_as_in_eval_mode(mix, monkeypatch):
   """Both attention layers (dense, and sparse QKV's trax-layout caches)
   decoding token by token through the kernel (as off the CPU; interpreted
   here) give eval mode's logits."""
@@ -148,7 +147,7 @@ def test_models_decode_through_the_kernel_as_in_eval_mode(form, mix, monkeypatch
   def packed_interpreted(*args, **kwargs):
     calls.append('packed')
     return packed(*args, interpret=True, **kwargs)
-  monkeypatch.setattr(model_lib, 'ONE_QUERY_GPU', form)
+  monkeypatch.setattr(model_lib, 'ONE_QUERY_GPU', 'pallas')
   monkeypatch.setattr(model_lib, '_one_query_kernel', lambda max_len, d_head: True)
   monkeypatch.setattr(decode_attention, 'one_query_attention', interpreted)
   monkeypatch.setattr(decode_attention, 'one_query_attention_packed',
@@ -167,8 +166,7 @@ def test_models_decode_through_the_kernel_as_in_eval_mode(form, mix, monkeypatch
     logits, state = step(chunk, eval_model.weights, state)
     got.append(logits)
   np.testing.assert_allclose(np.concatenate(got, 1), want, rtol=1e-5, atol=1e-5)
-  # The one-token steps ran the kernel, with the update in it for 'pallas'
-  # (the dense attention's reading q, k and v from its packed projection).
-  want_call = ('packed' if form == 'pallas' and not mix
-               else form == 'pallas')
+  # The one-token steps ran the kernel with the update in it (the dense
+  # attention's reading q, k and v from its packed projection).
+  want_call = True if mix else 'packed'
   assert calls and all(c == want_call for c in calls)

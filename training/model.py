@@ -213,11 +213,12 @@ CPU_CACHE_BUCKET = 128
 # Off a CPU, one decoding step's cache update and attention (`cache_step`):
 # 'pallas' (`training.decode_attention` writes the new key and value and
 # attends over the filled part of the cache only, in one kernel, where its
-# shape fits), 'pallas_attend' (XLA updates the caches, the kernel attends)
-# or 'xla' (XLA updates the caches and `_attend` reads the whole cache).
-# Timings on an H100: training/decode_attention.py's docstring.
+# shape fits) or 'xla' (XLA updates the caches and `_attend` reads the whole
+# cache).  Timings on an H100: training/decode_attention.py's docstring.
+# (A third form, XLA's updates then the kernel, lost to 'pallas' in s24 and
+# was dropped.)
 ONE_QUERY_GPU = 'pallas'
-ONE_QUERY_GPU_FORMS = ('pallas', 'pallas_attend', 'xla')
+ONE_QUERY_GPU_FORMS = ('pallas', 'xla')
 
 
 def _attend(q, k_cache, v_cache, pos):
@@ -297,18 +298,16 @@ def cache_step(q, k, v, k_cache, v_cache, pos):
   Returns:
     (attention output (..., t, dh) in q's dtype, k_cache, v_cache).  A
     one-token step off the CPU runs `decode_attention.one_query_attention`
-    as ONE_QUERY_GPU says (with the updates in it for 'pallas'); otherwise
+    with the updates in it (ONE_QUERY_GPU 'pallas'); otherwise
     `cached_attention` after the updates.
   """
   k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-  kernel = q.shape[-2] == 1 and _one_query_kernel(*k_cache.shape[-2:])
-  if kernel and ONE_QUERY_GPU == 'pallas':
+  if q.shape[-2] == 1 and _one_query_kernel(*k_cache.shape[-2:]):
     return decode_attention.one_query_attention(q, k_cache, v_cache, pos,
                                                 new=(k, v))
   k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=k.ndim - 2)
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=v.ndim - 2)
-  attend = decode_attention.one_query_attention if kernel else cached_attention
-  return attend(q, k_cache, v_cache, pos), k_cache, v_cache
+  return cached_attention(q, k_cache, v_cache, pos), k_cache, v_cache
 
 
 class CausalDotProductAttention(base.Layer):
@@ -350,8 +349,7 @@ class CausalDotProductAttention(base.Layer):
       # them in place: no per-token transpose of the whole cache.
       k_cache, v_cache, pos = self.state
       heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # (b, h, t, dh)
-      if (t == 1 and ONE_QUERY_GPU == 'pallas'
-          and _one_query_kernel(*k_cache.shape[-2:])):
+      if t == 1 and _one_query_kernel(*k_cache.shape[-2:]):
         # The kernel reads q, k and v from the packed projection in place.
         out, k_cache, v_cache = decode_attention.one_query_attention_packed(
             qkv.reshape(b, t, -1), k_cache, v_cache, pos)
