@@ -73,6 +73,43 @@ def fits(max_len, d_head):
   return _power_of_2(max_len) and max_len >= 16 and _power_of_2(d_head)
 
 
+def attend_cached(qv, k_ref, v_ref, start, n, end, block_len, scale):
+  """Inside a kernel: the online softmax of one query qv (d_head,) float32
+  over `n` blocks of `block_len` cache positions from `start`, those below
+  `end` only; k_ref, v_ref: (1, max_len, d_head) blocks of the caches.
+  Returns (running maximum, sum of exponentials, weighted sum of values)."""
+  d_head = qv.shape[-1]
+
+  def body(i, carry):
+    m, l, acc = carry
+    first = start + i * block_len
+    k = k_ref[0, pl.ds(first, block_len), :].astype(jnp.float32)
+    v = v_ref[0, pl.ds(first, block_len), :].astype(jnp.float32)
+    s = jnp.sum(k * qv[None, :], axis=1) * scale
+    valid = first + jnp.arange(block_len) < end
+    s = jnp.where(valid, s, _MASKED)
+    m_new = jnp.maximum(m, jnp.max(s))
+    p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
+    keep = jnp.exp(m - m_new)
+    return (m_new, l * keep + jnp.sum(p),
+            acc * keep + jnp.sum(p[:, None] * v, axis=0))
+
+  return jax.lax.fori_loop(0, n, body, (jnp.float32(_MASKED), jnp.float32(0.0),
+                                        jnp.zeros((d_head,), jnp.float32)))
+
+
+def attend_one_more(carry, qv, kn, vn, scale, counted=True):
+  """Inside a kernel: `attend_cached`'s (m, l, acc) with one more position
+  (key kn, value vn) included where `counted`."""
+  m, l, acc = carry
+  kn, vn = kn.astype(jnp.float32), vn.astype(jnp.float32)
+  s = jnp.where(counted, jnp.sum(kn * qv) * scale, _MASKED)
+  m_new = jnp.maximum(m, s)
+  p = jnp.where(counted, jnp.exp(s - m_new), 0.0)
+  keep = jnp.exp(m - m_new)
+  return m_new, l * keep + p, acc * keep + p * vn
+
+
 def one_query_attention(q, k_cache, v_cache, pos, *, new=None, block_len=None,
                         n_splits=None, num_warps=None, interpret=False):
   """Attention of one query per row over caches filled up to `pos`.
@@ -155,33 +192,12 @@ def _one_query(q, k_cache, v_cache, pos, update, packed_heads, out_shape_q,
     start = split * span
     n = jnp.clip((end - 1 - start) // block_len + 1, 0, span // block_len)
     qv = q_ref[0, 0, 0, :].astype(jnp.float32)
-
-    def body(i, carry):
-      m, l, acc = carry
-      first = start + i * block_len
-      k = k_ref[0, pl.ds(first, block_len), :].astype(jnp.float32)
-      v = v_ref[0, pl.ds(first, block_len), :].astype(jnp.float32)
-      s = jnp.sum(k * qv[None, :], axis=1) * scale
-      valid = first + jnp.arange(block_len) < end
-      s = jnp.where(valid, s, _MASKED)
-      m_new = jnp.maximum(m, jnp.max(s))
-      p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
-      keep = jnp.exp(m - m_new)
-      return (m_new, l * keep + jnp.sum(p),
-              acc * keep + jnp.sum(p[:, None] * v, axis=0))
-
-    m, l, acc = jax.lax.fori_loop(
-        0, n, body, (jnp.float32(_MASKED), jnp.float32(0.0),
-                     jnp.zeros((d_head,), jnp.float32)))
+    m, l, acc = attend_cached(qv, k_ref, v_ref, start, n, end, block_len,
+                              scale)
     if update:  # position `last` from (k, v) itself, counted by split 0
-      kn = kn_ref[0, 0, 0, :].astype(jnp.float32)
-      vn = vn_ref[0, 0, 0, :].astype(jnp.float32)
       mine = split == 0
-      s = jnp.where(mine, jnp.sum(kn * qv) * scale, _MASKED)
-      m_new = jnp.maximum(m, s)
-      p = jnp.where(mine, jnp.exp(s - m_new), 0.0)
-      keep = jnp.exp(m - m_new)
-      m, l, acc = m_new, l * keep + p, acc * keep + p * vn
+      m, l, acc = attend_one_more(
+          (m, l, acc), qv, kn_ref[0, 0, 0, :], vn_ref[0, 0, 0, :], scale, mine)
 
       @pl.when(mine)
       def _():
