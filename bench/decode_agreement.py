@@ -2,13 +2,17 @@ r"""Do two forms of a decoding step choose the same tokens?  (A GPU check.)
 
 Samples greedily from one random-weight model of `decode_speed.py`'s
 shapes and variants with the fused decoding blocks off and on
-(`training.model.FUSED_DECODING_GPU`, and `terraformer.sparse_ff`'s; each
+(`training.model.FUSED_DECODING_GPU`, and `terraformer.sparse_ff`'s and
+`sparse_qkv`'s; each
 form its own Sampler, compiled with the switches set) and prints the share
 of equal tokens and where they first differ.  Greedy decoding on random weights
 meets near ties, so a rare late difference is rounding; an early or
 frequent one is a bug.
 
-    python bench/decode_agreement.py --shape=small --batch=2 --n_tokens=150
+    python bench/decode_agreement.py --shape=small --batch=1 --n_tokens=150
+
+(The fused blocks run for one row only: with --batch above 1 both forms
+are the same program.)
 """
 import os
 import sys
@@ -32,6 +36,7 @@ def main(argv):
   del argv
   from terraformer import models  # pylint: disable=g-import-not-at-top
   from terraformer import sparse_ff  # pylint: disable=g-import-not-at-top
+  from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
   from training import model as model_lib  # pylint: disable=g-import-not-at-top
   from training import sampling  # pylint: disable=g-import-not-at-top
   from trax import shapes  # pylint: disable=g-import-not-at-top
@@ -46,7 +51,8 @@ def main(argv):
       0, kwargs['vocab_size'], (FLAGS.batch, 4)).astype(np.int32)
   out = {}
   for fused in (False, True):
-    model_lib.FUSED_DECODING_GPU = sparse_ff.FUSED_DECODING_GPU = fused
+    model_lib.FUSED_DECODING_GPU = fused
+    sparse_ff.FUSED_DECODING_GPU = sparse_qkv.FUSED_DECODING_GPU = fused
     sampler = sampling.Sampler(
         models.TerraformerLM(mode='predict', max_len=max_len, **kwargs),
         batch_size=FLAGS.batch)

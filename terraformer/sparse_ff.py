@@ -210,11 +210,15 @@ class SparseFF(base.Layer):
 
   def use_decoding_form(self):
     """Switches a predict-mode layer decoding one row off the CPU, with
-    FUSED_DECODING_GPU and training.model's fused blocks on, to the fused
-    decoding form and returns the function that makes it from the layer's
-    weights (see `decoding_form`); None, and no switch, otherwise."""
+    FUSED_DECODING_GPU and training.model's fused blocks on, inside a block
+    that fuses it (`training.model.PreNormResidual` marks it
+    `_in_fused_block`), to the fused decoding form and returns the function
+    that makes it from the layer's weights (see `decoding_form`); None, and
+    the plain form, otherwise."""
     d_model = self.weights[3].shape[-1] if self.weights else 0
+    self._fused_form = False
     if not (FUSED_DECODING_GPU and self._mode == 'predict'
+            and getattr(self, '_in_fused_block', False)
             and not self._multiply and model_lib.fused_decoding_here()
             and self.state[0].shape[0] == 1 and _power_of_2(self._n)
             and _power_of_2(d_model)

@@ -32,15 +32,24 @@ is convolved over the length), and `output_layer_type='none'` (the default)
 applies no output projection at all.
 """
 
+import math
+
 import jax
 from jax import numpy as jnp
+from jax.experimental import pallas as pl
 from trax import fastmath
 from trax import layers as tl
 from trax import shapes
 from trax.layers import base
 from trax.layers import initializers as init
 
+from training import decode_attention
 from training import model as model_lib
+
+try:  # the Triton backend's options (absent from some jaxlib builds)
+  from jax.experimental.pallas import triton as pl_triton
+except ImportError:  # pragma: no cover
+  pl_triton = None
 
 MODES = ('train', 'eval', 'predict')
 OUTPUT_LAYER_TYPES = ('none', 'mult', 'conv', 'multconv')
@@ -57,6 +66,15 @@ SPARSITY_TYPES = (None, 'None', 'mult', 'lowrank', 'einsum', 'local', 'local3')
 # (36 against 29 ms/token, both without YNN fusions; see training.sampling);
 # other accelerators were not measured.
 PREDICT_AS_MATMUL = None
+# A decoding step (one row) off the CPU may run the sparse-QKV attention
+# inside its pre-norm block (`training.model.PreNormResidual`, with
+# FUSED_DECODING_GPU there) as two Pallas kernels: the LayerNorm and the
+# FactoredDense (`_factored_rows`), then one program per head that convolves
+# its module's Q, K and V from the current and remembered positions, writes
+# K and V into the caches and attends (`_conv_attend`).  For the layer as
+# the paper's Table 1 uses it: sparsity = n_heads, v_concat_type 'none', no
+# output layer, length_kernel_size >= 2.  Off until timed on a GPU.
+FUSED_DECODING_GPU = False
 
 
 def _check_positive_int(name, value):
@@ -569,18 +587,203 @@ def MultiplicativeConvCausalAttention(
         sparsity, d_module, mode, kernel_size=3,
         length_kernel_size=length_kernel_size))
 
-  split = lambda: tl.SplitIntoHeads(n_heads)
-  return tl.Serial(
-      tl.Branch(FactoredDense(sparsity, d_feature, d_feature), None),  # m, x
+  return _SparseQKVAttention(
+      FactoredDense(sparsity, d_feature, d_feature),
       ConvQKV(sparsity, d_module, length_kernel_size, share_qk,
-              v_concat_type, mode),                                    # q, k, v
-      tl.Parallel(split(), split(), split()),
+              v_concat_type, mode),
       DotProductCausalAttention(
           dropout=dropout, max_inference_length=max_inference_length,
           mode=mode, d_attn=d_feature),
-      tl.MergeHeads(n_heads),
-      output_layers,
-  )
+      n_heads, output_layers,
+      fusable=(mode == 'predict' and v_concat_type == 'none'
+               and not output_layers and sparsity == n_heads
+               and length_kernel_size >= 2))
+
+
+class _SparseQKVAttention(tl.Serial):
+  """`MultiplicativeConvCausalAttention`'s layers; `fused_step` for
+  `training.model.PreNormResidual` (see FUSED_DECODING_GPU)."""
+
+  def __init__(self, factored, conv_qkv, attention, n_heads, output_layers,
+               fusable):
+    split = lambda: tl.SplitIntoHeads(n_heads)
+    super().__init__(
+        tl.Branch(factored, None),                       # m, x
+        conv_qkv,                                        # q, k, v
+        tl.Parallel(split(), split(), split()),
+        attention,
+        tl.MergeHeads(n_heads),
+        output_layers,
+        name='MultiplicativeConvCausalAttention',
+    )
+    self._factored, self._conv_qkv, self._attention = factored, conv_qkv, attention
+    self._fusable = fusable
+
+  def fused_step(self, x, norm):
+    """x + this(LayerNorm(x)) for one row in two kernels; None where the
+    layer or the shapes do not fit (see FUSED_DECODING_GPU)."""
+    if not (FUSED_DECODING_GPU and self._fusable
+            and math.prod(x.shape[:-1]) == 1):
+      return None
+    gating, projection, bias = self._factored.weights
+    ks, vs, idx = self._attention.state
+    d_model = x.shape[-1]
+    n_heads, max_len, d_head = ks.shape
+    if not (_power_of_2(d_model) and _power_of_2(d_head)
+            and d_model == n_heads * d_head
+            and decode_attention.fits(max_len, d_head)):
+      return None
+    conv = self._conv_qkv
+    kernel, conv_bias = (conv.weights[0] if conv._combined  # pylint: disable=protected-access
+                         else _side_by_side(conv._convs, [c.weights for c in conv._convs]))  # pylint: disable=protected-access
+    ring, count = conv._history.state  # pylint: disable=protected-access
+    interpret = jax.default_backend() == 'cpu'
+    m = _factored_rows(x, norm, gating, projection, bias, interpret)
+    out, ks, vs = _conv_attend(x, m, ring, count, kernel, conv_bias, ks, vs,
+                               idx, interpret)
+    n_past = ring.shape[1]
+    ring = jax.lax.dynamic_update_slice_in_dim(
+        ring, m.reshape(1, 1, d_model).astype(ring.dtype), count % n_past, axis=1)
+    conv._history.state = (ring, count + 1)  # pylint: disable=protected-access
+    self._attention.state = (ks, vs, idx + 1)
+    return out.astype(x.dtype).reshape(x.shape)
+
+
+def _power_of_2(n):
+  return n > 0 and not n & (n - 1)
+
+
+def _kernel_params(interpret, num_warps=4):
+  if pl_triton is None or interpret:
+    return {}
+  return {'compiler_params': pl_triton.CompilerParams(num_warps=num_warps)}
+
+
+def _layer_norm_in_kernel(x_ref, epsilon):
+  """(mean, 1 / std) of the row x_ref, float32, inside a kernel."""
+  xf = x_ref[...].astype(jnp.float32)
+  mean = jnp.mean(xf)
+  return mean, jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean)) + epsilon)
+
+
+def _factored_rows(x, norm, gating, projection, bias, interpret, block=64):
+  """FactoredDense(LayerNorm(x)) for one row, one program per module:
+  m[s] = (LayerNorm(x) * D[s]) @ E + b[s], as (S, d_out / S) float32."""
+  scale, shift, epsilon = norm
+  n_modules, d_in = gating.shape
+  d_module = projection.shape[1]
+  block = min(block, d_in)
+
+  def kernel(x_ref, s_ref, t_ref, d_ref, e_ref, b_ref, o_ref):
+    mean, rstd = _layer_norm_in_kernel(x_ref, epsilon)
+
+    def body(i, acc):
+      part = pl.ds(i * block, block)
+      g = ((x_ref[part].astype(jnp.float32) - mean) * rstd
+           * s_ref[part].astype(jnp.float32) + t_ref[part].astype(jnp.float32))
+      g = g * d_ref[0, part].astype(jnp.float32)
+      return acc + e_ref[part, :].astype(jnp.float32) * g[:, None]
+    acc = jax.lax.fori_loop(0, d_in // block, body,
+                            jnp.zeros((block, d_module), jnp.float32))
+    o_ref[...] = (jnp.sum(acc, axis=0) + b_ref[...].astype(jnp.float32))[None, :]
+
+  whole = lambda size: pl.BlockSpec((size,), lambda s: (0,))
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((n_modules, d_module), jnp.float32),
+      grid=(n_modules,),
+      in_specs=[whole(d_in), whole(d_in), whole(d_in),
+                pl.BlockSpec((1, d_in), lambda s: (s, 0)),
+                pl.BlockSpec((d_in, d_module), lambda s: (0, 0)),
+                pl.BlockSpec((d_module,), lambda s: (s,))],
+      out_specs=pl.BlockSpec((1, d_module), lambda s: (s, 0)),
+      interpret=interpret,
+      **_kernel_params(interpret),
+  )(x.reshape(d_in), scale.reshape(d_in), shift.reshape(d_in), gating,
+    projection, bias)
+
+
+def _conv_attend(x, m, ring, count, kernel, bias, k_cache, v_cache, pos,
+                 interpret):
+  """ConvQKV and the attention of one decoding step, one program per head.
+
+  x: the block's input row (d_model,) (added back: the residual); m (S,
+  d_module) float32, the FactoredDense output of this position; ring
+  (1, n_past, d_model), count: ConvQKV's remembered positions (position p
+  at slot p % n_past) and the number seen; kernel (n_past + 1, 3, d_module,
+  parts * d_module), bias (parts * d_module,): the Q[, K], V convolutions
+  side by side (`_side_by_side`; parts 2 when Q and K are shared); caches
+  (heads, max_len, d_head) in trax's layout, filled below `pos`.
+
+  Program h (head h = module h) convolves its module's q, k, v from modules
+  h - 1 .. h + 1 of this and the remembered positions, writes k and v into
+  the caches at `pos` (aliased in and out), attends over positions 0 .. pos
+  and adds x's slice.  Returns (out (heads, d_head) float32, k_cache,
+  v_cache).
+  """
+  n_modules, d_module = m.shape
+  n_len, width = kernel.shape[:2]
+  parts = kernel.shape[-1] // d_module
+  n_past = ring.shape[1]
+  heads, max_len, d_head = k_cache.shape
+  d_model = heads * d_head
+  half = (width - 1) // 2
+  block_len = decode_attention.default_tiling(max_len)[0]
+  scale = d_head ** -0.5
+  # kernel[a, c, :, j * d_module:(j + 1) * d_module] as taps[(a * width + c) * parts + j]
+  taps = jnp.reshape(jnp.transpose(
+      jnp.reshape(kernel, (n_len, width, d_module, parts, d_module)),
+      (0, 1, 3, 2, 4)), (n_len * width * parts, d_module, d_module))
+
+  def kernel_fn(scalars_ref, x_ref, m_ref, ring_ref, taps_ref, b_ref,
+                k_ref, v_ref, o_ref, ko_ref, vo_ref):
+    h = pl.program_id(0)
+    count, last = scalars_ref[0], scalars_ref[1]
+    u = [b_ref[pl.ds(j * d_module, d_module)].astype(jnp.float32)
+         for j in range(parts)]
+    for back in range(n_len):  # position count - back, kernel row n_len - 1 - back
+      slot = (count - back + n_past) % n_past
+      for c in range(width):
+        src = h + c - half
+        inside = (src >= 0) & (src < n_modules)
+        srcc = jnp.clip(src, 0, n_modules - 1)
+        if back == 0:
+          row = m_ref[pl.ds(srcc, 1), :]
+        else:
+          row = ring_ref[0, pl.ds(slot, 1), pl.ds(srcc * d_module, d_module)]
+        row = jnp.where(inside, row.astype(jnp.float32), 0.0)  # (1, d_module)
+        for j in range(parts):
+          w = taps_ref[((n_len - 1 - back) * width + c) * parts + j]
+          u[j] = u[j] + jnp.sum(row[0][:, None] * w.astype(jnp.float32), axis=0)
+    q, v = u[0], u[-1]
+    k = u[1] if parts == 3 else q
+    n = jnp.clip((last - 1) // block_len + 1, 0, max_len // block_len)
+    carry = decode_attention.attend_cached(q, k_ref, v_ref, 0, n, last,
+                                           block_len, scale)
+    mx, l, acc = decode_attention.attend_one_more(carry, q, k, v, scale)
+    out = acc / l + x_ref[pl.ds(h * d_head, d_head)].astype(jnp.float32)
+    o_ref[...] = out[None, :]
+    ko_ref[0, pl.ds(last, 1), :] = k[None, :].astype(ko_ref.dtype)
+    vo_ref[0, pl.ds(last, 1), :] = v[None, :].astype(vo_ref.dtype)
+    del mx
+
+  whole = lambda shape: pl.BlockSpec(shape, lambda h: (0,) * len(shape))
+  cache = pl.BlockSpec((1, max_len, d_head), lambda h: (h, 0, 0))
+  scalars = jnp.stack([count, pos]).astype(jnp.int32)
+  return pl.pallas_call(
+      kernel_fn,
+      out_shape=(jax.ShapeDtypeStruct((heads, d_head), jnp.float32),
+                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+      grid=(heads,),
+      in_specs=[whole((2,)), whole((d_model,)), whole(m.shape),
+                whole(ring.shape), whole(taps.shape), whole(bias.shape),
+                cache, cache],
+      out_specs=(pl.BlockSpec((1, d_head), lambda h: (h, 0)), cache, cache),
+      input_output_aliases={6: 1, 7: 2},
+      interpret=interpret,
+      **_kernel_params(interpret),
+  )(scalars, x.reshape(d_model), m, ring, taps, bias, k_cache, v_cache)
 
 
 class DotProductCausalAttention(tl.DotProductCausalAttention):

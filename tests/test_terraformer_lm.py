@@ -295,3 +295,67 @@ def test_fused_sparse_ff_decoding_gives_eval_logits_and_the_same_samples(
   for s, sample in zip((0, 1), samples):
     np.testing.assert_array_equal(
         sampler.generate(weights, prompt, 8, temperature=1.0, seed=s), sample)
+
+
+def _find(layer, cls):
+  found = [layer] if isinstance(layer, cls) else []
+  for sub in layer.sublayers:
+    found += _find(sub, cls)
+  return found
+
+
+@pytest.mark.parametrize('mix', [
+    dict(attention_sparsity=4), dict(attention_sparsity=4, share_qk=True),
+    dict(attention_sparsity=4, ff_sparsity=8),
+    dict(attention_sparsity=4, output_layer_type='mult')])  # not fused
+def test_fused_sparse_qkv_decoding_gives_eval_logits_and_the_same_samples(
+    mix, monkeypatch):
+  """With the fused decoding blocks and sparse_qkv.FUSED_DECODING_GPU on (a
+  CPU here, Pallas interpreted) one-row steps of the sparse-QKV attention
+  run its two kernels (FactoredDense with the norm; per head the
+  convolutions from the remembered positions, the cache update and the
+  attention): the logits equal eval mode's token by token, and the samples
+  equal those of a Sampler without the fusion.  With an output layer the
+  attention is not fused, and decodes as before."""
+  from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
+  from training import model as model_lib  # pylint: disable=g-import-not-at-top
+  eval_model = models.TerraformerLM(mode='eval', **CFG, **mix)
+  eval_model.init(shapes.ShapeDtype((1, 10), np.int32), rng=jax.random.PRNGKey(5))
+  weights = eval_model.weights
+  prompt = np.array([[1, 2, 3]], np.int32)
+  reference = sampling.Sampler(models.TerraformerLM(mode='predict', **CFG, **mix))
+  samples = [reference.generate(weights, prompt, 8, temperature=1.0, seed=s)
+             for s in (0, 1)]
+
+  monkeypatch.setattr(model_lib, 'FUSED_DECODING_GPU', True)
+  monkeypatch.setattr(model_lib, 'FUSED_ON_CPU', True)
+  monkeypatch.setattr(sparse_ff, 'FUSED_DECODING_GPU', True)
+  monkeypatch.setattr(sparse_qkv, 'FUSED_DECODING_GPU', True)
+  calls = []
+  real = sparse_qkv._conv_attend
+  monkeypatch.setattr(sparse_qkv, '_conv_attend',
+                      lambda *a: calls.append(a[4].shape) or real(*a))
+  model = models.TerraformerLM(mode='predict', **CFG, **mix)
+  sampler = sampling.Sampler(model)
+  prepared = sampler._decoding_weights(weights)
+  ids = np.random.RandomState(2).randint(0, CFG['vocab_size'], (1, 10)).astype(np.int32)
+  want = np.asarray(eval_model(ids))
+  step = jax.jit(model.pure_fn)
+  state, got = sampler._initial_state, []
+  # A prompt of 1 (nothing remembered yet: the zero past) or 4 positions.
+  for first in (1, 4):
+    state, got = sampler._initial_state, []
+    for chunk in (ids[:, :first],) + tuple(ids[:, t:t + 1] for t in range(first, 10)):
+      logits, state = step(chunk, prepared, state, jax.random.PRNGKey(0))
+      got.append(logits)
+    np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5, rtol=1e-5)
+  fused = 'output_layer_type' not in mix
+  parts = 2 if mix.get('share_qk') else 3
+  if fused:  # every layer, in each trace of a one-row step
+    assert calls and set(calls) == {(3, 3, 8, parts * 8)}
+    assert len(calls) % CFG['n_layers'] == 0
+  else:
+    assert not calls
+  for s, sample in zip((0, 1), samples):
+    np.testing.assert_array_equal(
+        sampler.generate(weights, prompt, 8, temperature=1.0, seed=s), sample)

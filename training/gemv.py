@@ -163,8 +163,11 @@ def check_shapes_out_in(d_out, d_in, block_n, block_k):
                      f'dividing d_in={d_in}')
 
 
-def fits_out_in(d_out, d_in):
-  """Whether the default out-in tiling covers a (d_out, d_in) kernel."""
+def fits_out_in(d_out, d_in, norm=False):
+  """Whether the default out-in tiling covers a (d_out, d_in) kernel (and,
+  with norm, the row fits the LayerNorm that reads it whole)."""
+  if norm and not _power_of_2(d_in):
+    return False
   try:
     check_shapes_out_in(d_out, d_in, *default_tiling_out_in(d_out, d_in)[:2])
   except ValueError:
@@ -194,7 +197,12 @@ def gemv_out_in(x, w_t, *, bias=None, norm=None, relu=False, residual=None,
   block_k = block_k or tiling[1]
   num_warps = num_warps or tiling[2]
   check_shapes_out_in(d_out, d_in, block_n, block_k)
+  if norm is not None and not _power_of_2(d_in):
+    raise ValueError(f'gemv_out_in: a norm reads the whole row, whose width '
+                     f'must then be a power of 2 (Triton), not d_in={d_in}')
   out_dtype = jnp.result_type(x.dtype, w_t.dtype)
+  if residual is not None:
+    out_dtype = jnp.result_type(out_dtype, residual.dtype)
   row = lambda: pl.BlockSpec((d_in,), lambda j: (0,))
   outs = lambda: pl.BlockSpec((block_n,), lambda j: (j,))
   operands = [x.reshape(d_in), w_t]

@@ -394,10 +394,11 @@ def _fused_here(x):
   return math.prod(x.shape[:-1]) == 1 and fused_decoding_here()
 
 
-def _fusable(dense):
-  """Whether `dense` (handed its kernel transposed) fits a fused product."""
+def _fusable(dense, norm=False):
+  """Whether `dense` (handed its kernel transposed) fits a fused product
+  (with the LayerNorm before it, if norm)."""
   return (isinstance(dense, Dense) and dense._kernel_out_in  # pylint: disable=protected-access
-          and gemv_lib.fits_out_in(*dense.kernel_shape_out_in()))
+          and gemv_lib.fits_out_in(*dense.kernel_shape_out_in(), norm=norm))
 
 
 def _fused_product(x, dense, **fused):
@@ -428,6 +429,8 @@ class PreNormResidual(tl.Serial):
                      and hasattr(self._body, 'fused_step')
                      and all(isinstance(r, tl.Dropout) for r in rest)
                      and all(getattr(r, '_mode', None) == 'predict' for r in rest))
+    if self._fusable:  # the body's fused_step will be asked for
+      self._body._in_fused_block = True  # pylint: disable=protected-access
 
   def forward(self, xs):
     if self._fusable and _fused_here(xs):
@@ -458,7 +461,7 @@ class _SelfAttention(tl.Serial):
     if not self._plain:
       return None
     qkv_dense, attention, out_dense = self.sublayers
-    if not (_fusable(qkv_dense) and _fusable(out_dense)):
+    if not (_fusable(qkv_dense, norm=True) and _fusable(out_dense)):
       return None
     qkv = _fused_product(x, qkv_dense, norm=norm)
     return _fused_product(attention.forward(qkv), out_dense, residual=x)
@@ -496,8 +499,10 @@ class _FeedForward(tl.Serial):
     """x + this(LayerNorm(x)) for one row in two kernels (norm, product,
     bias and ReLU; product, bias and residual); None where the layers do
     not fit."""
+    if not self._plain:
+      return None
     first, _, _, second = self.sublayers
-    if not (self._plain and _fusable(first) and _fusable(second)):
+    if not (_fusable(first, norm=True) and _fusable(second)):
       return None
     hidden = _fused_product(x, first, norm=norm, relu=True)
     return _fused_product(hidden, second, residual=x)
