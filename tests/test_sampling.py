@@ -210,6 +210,13 @@ def test_fused_decoding_blocks_give_eval_logits_and_the_same_samples(build, monk
 
   monkeypatch.setattr(model_lib, 'FUSED_DECODING_GPU', True)
   monkeypatch.setattr(model_lib, 'FUSED_ON_CPU', True)
+  # The attention kernel as off the CPU too (interpreted): the fused blocks'
+  # five kernels together, q, k and v read from the packed projection.
+  packed = model_lib.decode_attention.one_query_attention_packed
+  packed_calls = []
+  monkeypatch.setattr(model_lib, '_one_query_kernel', lambda max_len, d_head: True)
+  monkeypatch.setattr(model_lib.decode_attention, 'one_query_attention_packed',
+                      lambda *a, **k: packed_calls.append(1) or packed(*a, interpret=True, **k))
   calls = []
   real = model_lib.gemv_lib.gemv_out_in
   monkeypatch.setattr(model_lib.gemv_lib, 'gemv_out_in', lambda *a, **k: calls.append(
@@ -227,6 +234,18 @@ def test_fused_decoding_blocks_give_eval_logits_and_the_same_samples(build, monk
   assert sorted(calls) == sorted([('norm',), ('residual',), ('norm', 'relu'),
                                   ('residual',)] * cfg['n_layers'])
   np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5, rtol=1e-5)
+  assert packed_calls and len(packed_calls) % cfg['n_layers'] == 0
   for s, sample in zip((0, 1), samples):
     np.testing.assert_array_equal(
         sampler.generate(weights, prompt, 6, temperature=1.0, seed=s), sample)
+
+  # Two sequences at a time: the blocks decline (one row only) and decode as before.
+  calls.clear()
+  two = np.array([[3, 1, 4], [1, 5, 9]], np.int32)
+  batched = sampling.Sampler(make('predict'), batch_size=2)
+  monkeypatch.setattr(model_lib, 'FUSED_DECODING_GPU', False)
+  plain = sampling.Sampler(make('predict'), batch_size=2).generate(
+      weights, two, 5, temperature=1.0)
+  monkeypatch.setattr(model_lib, 'FUSED_DECODING_GPU', True)
+  np.testing.assert_array_equal(batched.generate(weights, two, 5, temperature=1.0), plain)
+  assert not calls
