@@ -1,15 +1,16 @@
 r"""Do two forms of a decoding step choose the same tokens?  (A GPU check.)
 
 Samples greedily from one random-weight model of `decode_speed.py`'s
-shapes and variants with the fused decoding blocks off and on
-(`training.model.FUSED_DECODING_GPU`, and `terraformer.sparse_ff`'s and
-`sparse_qkv`'s; each
-form its own Sampler, compiled with the switches set) and prints the share
-of equal tokens and where they first differ.  Greedy decoding on random weights
+shapes and variants (weights in --dtype) with the fused decoding blocks off
+and on (`training.model.FUSED_DECODING_GPU` and `terraformer.sparse_ff`'s
+and `sparse_qkv`'s, all together; each form its own Sampler, compiled with
+the switches set) and prints the share of equal tokens and where they
+first differ.  Greedy decoding on random weights
 meets near ties, so a rare late difference is rounding; an early or
 frequent one is a bug.
 
     python bench/decode_agreement.py --shape=small --batch=1 --n_tokens=150
+    python bench/decode_agreement.py --variant=sparse_ff_qkv --dtype=bfloat16
 
 (The fused blocks run for one row only: with --batch above 1 both forms
 are the same program.)
@@ -40,6 +41,8 @@ def main(argv):
   from training import model as model_lib  # pylint: disable=g-import-not-at-top
   from training import sampling  # pylint: disable=g-import-not-at-top
   from trax import shapes  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  dtype = None if FLAGS.dtype == 'float32' else jnp.bfloat16  # decode_speed's --dtype
   print(jax.devices()[0].device_kind, jax.__version__)
   kwargs = decode_speed.model_kwargs(FLAGS.shape, FLAGS.variant)
   max_len = max(FLAGS.max_len, FLAGS.n_tokens + 8)
@@ -55,12 +58,12 @@ def main(argv):
     sparse_ff.FUSED_DECODING_GPU = sparse_qkv.FUSED_DECODING_GPU = fused
     sampler = sampling.Sampler(
         models.TerraformerLM(mode='predict', max_len=max_len, **kwargs),
-        batch_size=FLAGS.batch)
+        batch_size=FLAGS.batch, compute_dtype=dtype)
     out[fused] = np.asarray(sampler.generate(weights, prompt, FLAGS.n_tokens,
                                              temperature=0.0))
   same = out[False] == out[True]
   first = [int(np.argmin(r)) if not r.all() else None for r in same]
-  print(f'{FLAGS.variant}, {FLAGS.shape}, batch {FLAGS.batch}, {FLAGS.n_tokens} greedy tokens: '
+  print(f'{FLAGS.variant}, {FLAGS.shape}, {FLAGS.dtype}, batch {FLAGS.batch}, {FLAGS.n_tokens} greedy tokens: '
         f'{same.mean():.1%} equal (fused off / on); first difference per row: {first}')
 
 
