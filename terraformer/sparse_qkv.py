@@ -634,6 +634,8 @@ class _SparseQKVAttention(tl.Serial):
             and decode_attention.fits(max_len, d_head)):
       return None
     conv = self._conv_qkv
+    if conv._history.n_past < 1:  # pylint: disable=protected-access
+      return None  # (one module: a position-wise product, nothing remembered)
     kernel, conv_bias = (conv.weights[0] if conv._combined  # pylint: disable=protected-access
                          else _side_by_side(conv._convs, [c.weights for c in conv._convs]))  # pylint: disable=protected-access
     ring, count = conv._history.state  # pylint: disable=protected-access
