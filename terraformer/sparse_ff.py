@@ -47,11 +47,6 @@ from trax.layers import initializers as init
 from training import gemv as gemv_lib
 from training import model as model_lib
 
-try:  # the Triton backend's options (absent from some jaxlib builds)
-  from jax.experimental.pallas import triton as pl_triton
-except ImportError:  # pragma: no cover
-  pl_triton = None
-
 MODES = ('train', 'eval', 'predict')
 
 # A decoding step (one row) off the CPU may run `SparseFF` inside its
@@ -220,8 +215,8 @@ class SparseFF(base.Layer):
     if not (FUSED_DECODING_GPU and self._mode == 'predict'
             and getattr(self, '_in_fused_block', False)
             and not self._multiply and model_lib.fused_decoding_here()
-            and self.state[0].shape[0] == 1 and _power_of_2(self._n)
-            and _power_of_2(d_model)
+            and self.state[0].shape[0] == 1 and gemv_lib.power_of_2(self._n)
+            and gemv_lib.power_of_2(d_model)
             and gemv_lib.fits_out_in(self._lowrank_padded(), d_model)):
       return None
     self._fused_form = True
@@ -395,10 +390,6 @@ class SparseFF(base.Layer):
             @ jnp.reshape(w2, (self._d_ff, d_model))) + b2
 
 
-def _power_of_2(n):
-  return n > 0 and not n & (n - 1)
-
-
 def _chosen_units(x, norm, z, m2_f, mb, w1, w2, interpret):
   """`SparseFF`'s chosen units for one row, one program per block of N.
 
@@ -414,11 +405,8 @@ def _chosen_units(x, norm, z, m2_f, mb, w1, w2, interpret):
   d_model = x.shape[-1]
 
   def kernel(x_ref, s_ref, t_ref, z_ref, m2_ref, mb_ref, w1_ref, w2_ref, o_ref):
-    xf = x_ref[...].astype(jnp.float32)
-    mean = jnp.mean(xf)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean)) + epsilon)
-    xn = ((xf - mean) * rstd * s_ref[...].astype(jnp.float32)
-          + t_ref[...].astype(jnp.float32))
+    xn = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(
+        pl.ds(0, d_model))
     logits = (jnp.sum(m2_ref[0].astype(jnp.float32)
                       * z_ref[...].astype(jnp.float32)[None, :], axis=1)
               + mb_ref[0].astype(jnp.float32))
@@ -430,9 +418,7 @@ def _chosen_units(x, norm, z, m2_f, mb, w1, w2, interpret):
 
   whole = lambda size: pl.BlockSpec((size,), lambda j: (0,))
   rows = pl.BlockSpec((1, n, d_model), lambda j: (j, 0, 0))
-  params = {}
-  if pl_triton is not None and not interpret:
-    params['compiler_params'] = pl_triton.CompilerParams(num_warps=4)
+  params = gemv_lib.compiler_params(interpret, 4)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((d1, d_model), jnp.float32),

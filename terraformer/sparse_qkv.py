@@ -44,12 +44,8 @@ from trax.layers import base
 from trax.layers import initializers as init
 
 from training import decode_attention
+from training import gemv as gemv_lib
 from training import model as model_lib
-
-try:  # the Triton backend's options (absent from some jaxlib builds)
-  from jax.experimental.pallas import triton as pl_triton
-except ImportError:  # pragma: no cover
-  pl_triton = None
 
 MODES = ('train', 'eval', 'predict')
 OUTPUT_LAYER_TYPES = ('none', 'mult', 'conv', 'multconv')
@@ -629,7 +625,7 @@ class _SparseQKVAttention(tl.Serial):
     ks, vs, idx = self._attention.state
     d_model = x.shape[-1]
     n_heads, max_len, d_head = ks.shape
-    if not (_power_of_2(d_model) and _power_of_2(d_head)
+    if not (gemv_lib.power_of_2(d_model) and gemv_lib.power_of_2(d_head)
             and d_model == n_heads * d_head
             and decode_attention.fits(max_len, d_head)):
       return None
@@ -643,29 +639,10 @@ class _SparseQKVAttention(tl.Serial):
     m = _factored_rows(x, norm, gating, projection, bias, interpret)
     out, ks, vs = _conv_attend(x, m, ring, count, kernel, conv_bias, ks, vs,
                                idx, interpret)
-    n_past = ring.shape[1]
-    ring = jax.lax.dynamic_update_slice_in_dim(
-        ring, m.reshape(1, 1, d_model).astype(ring.dtype), count % n_past, axis=1)
-    conv._history.state = (ring, count + 1)  # pylint: disable=protected-access
+    # Remember this position (the window extend returns is unused: dropped).
+    conv._history.extend(m.reshape(1, 1, d_model))  # pylint: disable=protected-access
     self._attention.state = (ks, vs, idx + 1)
     return out.astype(x.dtype).reshape(x.shape)
-
-
-def _power_of_2(n):
-  return n > 0 and not n & (n - 1)
-
-
-def _kernel_params(interpret, num_warps=4):
-  if pl_triton is None or interpret:
-    return {}
-  return {'compiler_params': pl_triton.CompilerParams(num_warps=num_warps)}
-
-
-def _layer_norm_in_kernel(x_ref, epsilon):
-  """(mean, 1 / std) of the row x_ref, float32, inside a kernel."""
-  xf = x_ref[...].astype(jnp.float32)
-  mean = jnp.mean(xf)
-  return mean, jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean)) + epsilon)
 
 
 def _factored_rows(x, norm, gating, projection, bias, interpret, block=64):
@@ -677,13 +654,11 @@ def _factored_rows(x, norm, gating, projection, bias, interpret, block=64):
   block = min(block, d_in)
 
   def kernel(x_ref, s_ref, t_ref, d_ref, e_ref, b_ref, o_ref):
-    mean, rstd = _layer_norm_in_kernel(x_ref, epsilon)
+    normed = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)
 
     def body(i, acc):
       part = pl.ds(i * block, block)
-      g = ((x_ref[part].astype(jnp.float32) - mean) * rstd
-           * s_ref[part].astype(jnp.float32) + t_ref[part].astype(jnp.float32))
-      g = g * d_ref[0, part].astype(jnp.float32)
+      g = normed(part) * d_ref[0, part].astype(jnp.float32)
       return acc + e_ref[part, :].astype(jnp.float32) * g[:, None]
     acc = jax.lax.fori_loop(0, d_in // block, body,
                             jnp.zeros((block, d_module), jnp.float32))
@@ -700,7 +675,7 @@ def _factored_rows(x, norm, gating, projection, bias, interpret, block=64):
                 pl.BlockSpec((d_module,), lambda s: (s,))],
       out_specs=pl.BlockSpec((1, d_module), lambda s: (s, 0)),
       interpret=interpret,
-      **_kernel_params(interpret),
+      **gemv_lib.compiler_params(interpret, 4),
   )(x.reshape(d_in), scale.reshape(d_in), shift.reshape(d_in), gating,
     projection, bias)
 
@@ -732,12 +707,7 @@ def _conv_attend(x, m, ring, count, kernel, bias, k_cache, v_cache, pos,
   half = (width - 1) // 2
   block_len = decode_attention.default_tiling(max_len)[0]
   scale = d_head ** -0.5
-  # kernel[a, c, :, j * d_module:(j + 1) * d_module] as taps[(a * width + c) * parts + j]
-  taps = jnp.reshape(jnp.transpose(
-      jnp.reshape(kernel, (n_len, width, d_module, parts, d_module)),
-      (0, 1, 3, 2, 4)), (n_len * width * parts, d_module, d_module))
-
-  def kernel_fn(scalars_ref, x_ref, m_ref, ring_ref, taps_ref, b_ref,
+  def kernel_fn(scalars_ref, x_ref, m_ref, ring_ref, w_ref, b_ref,
                 k_ref, v_ref, o_ref, ko_ref, vo_ref):
     h = pl.program_id(0)
     count, last = scalars_ref[0], scalars_ref[1]
@@ -755,7 +725,7 @@ def _conv_attend(x, m, ring, count, kernel, bias, k_cache, v_cache, pos,
           row = ring_ref[0, pl.ds(slot, 1), pl.ds(srcc * d_module, d_module)]
         row = jnp.where(inside, row.astype(jnp.float32), 0.0)  # (1, d_module)
         for j in range(parts):
-          w = taps_ref[((n_len - 1 - back) * width + c) * parts + j]
+          w = w_ref[n_len - 1 - back, c, :, pl.ds(j * d_module, d_module)]
           u[j] = u[j] + jnp.sum(row[0][:, None] * w.astype(jnp.float32), axis=0)
     q, v = u[0], u[-1]
     k = u[1] if parts == 3 else q
@@ -779,13 +749,13 @@ def _conv_attend(x, m, ring, count, kernel, bias, k_cache, v_cache, pos,
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       grid=(heads,),
       in_specs=[whole((2,)), whole((d_model,)), whole(m.shape),
-                whole(ring.shape), whole(taps.shape), whole(bias.shape),
+                whole(ring.shape), whole(kernel.shape), whole(bias.shape),
                 cache, cache],
       out_specs=(pl.BlockSpec((1, d_head), lambda h: (h, 0)), cache, cache),
       input_output_aliases={6: 1, 7: 2},
       interpret=interpret,
-      **_kernel_params(interpret),
-  )(scalars, x.reshape(d_model), m, ring, taps, bias, k_cache, v_cache)
+      **gemv_lib.compiler_params(interpret, 4),
+  )(scalars, x.reshape(d_model), m, ring, kernel, bias, k_cache, v_cache)
 
 
 class DotProductCausalAttention(tl.DotProductCausalAttention):

@@ -59,12 +59,17 @@ def test_sampler_greedy_matches_eval_argmax_with_every_sparse_layer():
   np.testing.assert_array_equal(got, seq[:, 3:])
 
 
+def _find(layer, cls):
+  """The sublayers of `layer` (itself included) of class `cls`, depth first."""
+  found = [layer] if isinstance(layer, cls) else []
+  for sub in layer.sublayers:
+    found += _find(sub, cls)
+  return found
+
+
 def _conv_qkvs(layer):
   from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
-  found = [layer] if isinstance(layer, sparse_qkv.ConvQKV) else []
-  for sub in layer.sublayers:
-    found += _conv_qkvs(sub)
-  return found
+  return _find(layer, sparse_qkv.ConvQKV)
 
 
 @pytest.mark.parametrize('options', [
@@ -237,11 +242,32 @@ def test_flop_count_includes_the_sparse_qkv_attention_scores():
   assert trainer_lib.train_flops_per_token(lm, seq) == weights_only + 6 * n * d * seq
 
 
-def _sparse_ffs(layer):
-  found = [layer] if isinstance(layer, sparse_ff.SparseFF) else []
-  for sub in layer.sublayers:
-    found += _sparse_ffs(sub)
-  return found
+PROMPT = np.array([[1, 2, 3]], np.int32)
+
+
+def _samples(sampler, weights):
+  """Two sampled continuations of PROMPT (seeds 0 and 1)."""
+  return [sampler.generate(weights, PROMPT, 8, temperature=1.0, seed=s)
+          for s in (0, 1)]
+
+
+def _fusion_on(monkeypatch):
+  """Every fused decoding switch on, run on this CPU (Pallas interpreted)."""
+  from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
+  from training import model as model_lib  # pylint: disable=g-import-not-at-top
+  for module in (model_lib, sparse_ff, sparse_qkv):
+    monkeypatch.setattr(module, 'FUSED_DECODING_GPU', True)
+  monkeypatch.setattr(model_lib, 'FUSED_ON_CPU', True)
+
+
+def _stepped_logits(model, weights, state, ids, first):
+  """Logits of a jitted predict step over ids[:, :first], then one id at a time."""
+  step = jax.jit(model.pure_fn)
+  got = []
+  for chunk in (ids[:, :first],) + tuple(ids[:, t:t + 1] for t in range(first, ids.shape[1])):
+    logits, state = step(chunk, weights, state, jax.random.PRNGKey(0))
+    got.append(logits)
+  return np.concatenate(got, axis=1)
 
 
 @pytest.mark.parametrize('mix', ['ff', 'all'])
@@ -253,25 +279,20 @@ def test_fused_sparse_ff_decoding_gives_eval_logits_and_the_same_samples(
   per-block kernel, the logits equal eval mode's token by token (the
   prompt's rows through the plain form), and the samples equal those of a
   Sampler without the fusion."""
-  from training import model as model_lib  # pylint: disable=g-import-not-at-top
   eval_model = _eval_model(mix, batch=1, length=10)
   weights = eval_model.weights
-  prompt = np.array([[1, 2, 3]], np.int32)
   reference = sampling.Sampler(models.TerraformerLM(mode='predict', **CFG, **MIXES[mix]))
-  samples = [reference.generate(weights, prompt, 8, temperature=1.0, seed=s)
-             for s in (0, 1)]
-  assert not any(f._fused_form for f in _sparse_ffs(reference._model))
+  samples = _samples(reference, weights)
+  assert not any(f._fused_form for f in _find(reference._model, sparse_ff.SparseFF))
 
-  monkeypatch.setattr(model_lib, 'FUSED_DECODING_GPU', True)
-  monkeypatch.setattr(model_lib, 'FUSED_ON_CPU', True)
-  monkeypatch.setattr(sparse_ff, 'FUSED_DECODING_GPU', True)
+  _fusion_on(monkeypatch)
   calls = []
   real = sparse_ff._chosen_units
   monkeypatch.setattr(sparse_ff, '_chosen_units',
                       lambda *a: calls.append(a[3].shape) or real(*a))
   model = models.TerraformerLM(mode='predict', **CFG, **MIXES[mix])
   sampler = sampling.Sampler(model)
-  ffs = _sparse_ffs(model)
+  ffs = _find(model, sparse_ff.SparseFF)
   assert len(ffs) == CFG['n_layers'] and all(f._fused_form for f in ffs)
   prepared = sampler._decoding_weights(weights)
   d1, n, lowrank = 8, 8, 8  # d_ff 64 in blocks of 8; controller width 8 -> 16
@@ -284,24 +305,11 @@ def test_fused_sparse_ff_decoding_gives_eval_logits_and_the_same_samples(
     assert not np.asarray(form[0][lowrank:]).any() and not np.asarray(form[1][..., lowrank:]).any()
 
   ids = np.random.RandomState(0).randint(0, CFG['vocab_size'], (1, 10)).astype(np.int32)
-  want = np.asarray(eval_model(ids))
-  step = jax.jit(model.pure_fn)
-  state, got = sampler._initial_state, []
-  for chunk in (ids[:, :4],) + tuple(ids[:, t:t + 1] for t in range(4, 10)):
-    logits, state = step(chunk, prepared, state, jax.random.PRNGKey(0))
-    got.append(logits)
+  got = _stepped_logits(model, prepared, sampler._initial_state, ids, 4)
   assert calls == [(d1, n, 16)] * CFG['n_layers']  # traced once, one-row steps
-  np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5, rtol=1e-5)
-  for s, sample in zip((0, 1), samples):
-    np.testing.assert_array_equal(
-        sampler.generate(weights, prompt, 8, temperature=1.0, seed=s), sample)
-
-
-def _find(layer, cls):
-  found = [layer] if isinstance(layer, cls) else []
-  for sub in layer.sublayers:
-    found += _find(sub, cls)
-  return found
+  np.testing.assert_allclose(got, np.asarray(eval_model(ids)), atol=1e-5, rtol=1e-5)
+  for got_sample, sample in zip(_samples(sampler, weights), samples):
+    np.testing.assert_array_equal(got_sample, sample)
 
 
 @pytest.mark.parametrize('mix', [
@@ -318,19 +326,13 @@ def test_fused_sparse_qkv_decoding_gives_eval_logits_and_the_same_samples(
   equal those of a Sampler without the fusion.  With an output layer the
   attention is not fused, and decodes as before."""
   from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
-  from training import model as model_lib  # pylint: disable=g-import-not-at-top
   eval_model = models.TerraformerLM(mode='eval', **CFG, **mix)
   eval_model.init(shapes.ShapeDtype((1, 10), np.int32), rng=jax.random.PRNGKey(5))
   weights = eval_model.weights
-  prompt = np.array([[1, 2, 3]], np.int32)
-  reference = sampling.Sampler(models.TerraformerLM(mode='predict', **CFG, **mix))
-  samples = [reference.generate(weights, prompt, 8, temperature=1.0, seed=s)
-             for s in (0, 1)]
+  samples = _samples(sampling.Sampler(models.TerraformerLM(mode='predict', **CFG, **mix)),
+                     weights)
 
-  monkeypatch.setattr(model_lib, 'FUSED_DECODING_GPU', True)
-  monkeypatch.setattr(model_lib, 'FUSED_ON_CPU', True)
-  monkeypatch.setattr(sparse_ff, 'FUSED_DECODING_GPU', True)
-  monkeypatch.setattr(sparse_qkv, 'FUSED_DECODING_GPU', True)
+  _fusion_on(monkeypatch)
   calls = []
   real = sparse_qkv._conv_attend
   monkeypatch.setattr(sparse_qkv, '_conv_attend',
@@ -340,15 +342,11 @@ def test_fused_sparse_qkv_decoding_gives_eval_logits_and_the_same_samples(
   prepared = sampler._decoding_weights(weights)
   ids = np.random.RandomState(2).randint(0, CFG['vocab_size'], (1, 10)).astype(np.int32)
   want = np.asarray(eval_model(ids))
-  step = jax.jit(model.pure_fn)
-  state, got = sampler._initial_state, []
   # A prompt of 1 (nothing remembered yet: the zero past) or 4 positions.
   for first in (1, 4):
-    state, got = sampler._initial_state, []
-    for chunk in (ids[:, :first],) + tuple(ids[:, t:t + 1] for t in range(first, 10)):
-      logits, state = step(chunk, prepared, state, jax.random.PRNGKey(0))
-      got.append(logits)
-    np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        _stepped_logits(model, prepared, sampler._initial_state, ids, first),
+        want, atol=1e-5, rtol=1e-5)
   fused = 'output_layer_type' not in mix
   parts = 2 if mix.get('share_qk') else 3
   if fused:  # every layer, in each trace of a one-row step
@@ -356,6 +354,5 @@ def test_fused_sparse_qkv_decoding_gives_eval_logits_and_the_same_samples(
     assert len(calls) % CFG['n_layers'] == 0
   else:
     assert not calls
-  for s, sample in zip((0, 1), samples):
-    np.testing.assert_array_equal(
-        sampler.generate(weights, prompt, 8, temperature=1.0, seed=s), sample)
+  for got, sample in zip(_samples(sampler, weights), samples):
+    np.testing.assert_array_equal(got, sample)

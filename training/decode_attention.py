@@ -40,10 +40,7 @@ import jax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-try:  # the Triton backend's options (absent from some jaxlib builds)
-  from jax.experimental.pallas import triton as pl_triton
-except ImportError:  # pragma: no cover
-  pl_triton = None
+from training import gemv as gemv_lib
 
 _MASKED = -1e30  # the running maximum before any position is seen
 
@@ -63,14 +60,10 @@ def default_tiling(max_len):
   return 64, max_len // 256, 4
 
 
-def _power_of_2(n):
-  return n > 0 and not n & (n - 1)
-
-
 def fits(max_len, d_head):
   """Whether the kernel takes caches of this shape with its default tiling
   (Triton's blocks are powers of 2)."""
-  return _power_of_2(max_len) and max_len >= 16 and _power_of_2(d_head)
+  return gemv_lib.power_of_2(max_len) and max_len >= 16 and gemv_lib.power_of_2(d_head)
 
 
 def attend_cached(qv, k_ref, v_ref, start, n, end, block_len, scale):
@@ -210,9 +203,7 @@ def _one_query(q, k_cache, v_cache, pos, update, packed_heads, out_shape_q,
       acc = acc / l
     acc_ref[...] = acc.reshape(1, 1, d_head)
 
-  params = {}
-  if pl_triton is not None and not interpret:
-    params['compiler_params'] = pl_triton.CompilerParams(num_warps=num_warps)
+  params = gemv_lib.compiler_params(interpret, num_warps)
   row = pl.BlockSpec((1, 1, 1, d_head), lambda r, s: (r, 0, 0, 0))
   cache = pl.BlockSpec((1, max_len, d_head), lambda r, s: (r, 0, 0))
   caches = (k_cache.reshape(rows, max_len, d_head),

@@ -53,8 +53,32 @@ def _largest_divisor(n, choices):
   return None
 
 
-def _power_of_2(n):
+def power_of_2(n):
   return n > 0 and not n & (n - 1)
+
+
+def compiler_params(interpret, num_warps):
+  """`pl.pallas_call`'s keyword for Triton's options: {} when interpreted
+  (or where this jaxlib has no Triton backend)."""
+  if pl_triton is None or interpret:
+    return {}
+  return {'compiler_params': pl_triton.CompilerParams(num_warps=num_warps)}
+
+
+def layer_norm_in_kernel(x_ref, scale_ref, shift_ref, epsilon):
+  """Inside a kernel: the LayerNorm of the row x_ref (float32 statistics
+  over the whole row, which Triton loads whole: its width a power of 2), as
+  a function of a part of the row (a `pl.ds`) giving the normalised,
+  scaled and shifted values there."""
+  xf = x_ref[...].astype(jnp.float32)
+  mean = jnp.mean(xf)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean)) + epsilon)
+
+  def part_of(part):
+    return ((x_ref[part].astype(jnp.float32) - mean) * rstd
+            * scale_ref[part].astype(jnp.float32)
+            + shift_ref[part].astype(jnp.float32))
+  return part_of
 
 
 def default_tiling(d_in, d_out):
@@ -67,7 +91,7 @@ def default_tiling(d_in, d_out):
   block_n = _largest_divisor(d_out, (32, 16, 64))
   block_k = _largest_divisor(d_in, (64, 32, 16))
   split_k = next((s for s in (16, 8, 4, 2, 1, 3, 6, 12) if d_in % s == 0
-                  and _power_of_2(d_in // s) and d_in // s >= (block_k or 0)),
+                  and power_of_2(d_in // s) and d_in // s >= (block_k or 0)),
                  None)
   return block_n, block_k, 4, split_k
 
@@ -83,7 +107,7 @@ def check_shapes(d_in, d_out, block_n, block_k, split_k):
                      f'divide d_in={d_in}')
   for name, v in (('block_n', block_n), ('block_k', block_k),
                   ('d_in / split_k', d_in // split_k)):
-    if not _power_of_2(v):
+    if not power_of_2(v):
       raise ValueError(f'gemv: {name}={v} must be a power of 2')
 
 
@@ -121,9 +145,7 @@ def gemv(x, w, *, block_n=None, block_k=None, num_warps=None, split_k=None,
                             jnp.zeros((block_k, block_n), jnp.float32))
     o_ref[...] = jnp.sum(acc, axis=0)[None, :]
 
-  params = {}
-  if pl_triton is not None and not interpret:
-    params['compiler_params'] = pl_triton.CompilerParams(num_warps=num_warps)
+  params = compiler_params(interpret, num_warps)
   partial = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((split_k, d_out), jnp.float32),
@@ -155,10 +177,10 @@ def default_tiling_out_in(d_out, d_in):
 
 def check_shapes_out_in(d_out, d_in, block_n, block_k):
   """Raises ValueError unless the tiling covers a (d_out, d_in) kernel."""
-  if not block_n or d_out % block_n or not _power_of_2(block_n):
+  if not block_n or d_out % block_n or not power_of_2(block_n):
     raise ValueError(f'gemv_out_in: block_n={block_n} must be a power of 2 '
                      f'dividing d_out={d_out}')
-  if not block_k or d_in % block_k or not _power_of_2(block_k):
+  if not block_k or d_in % block_k or not power_of_2(block_k):
     raise ValueError(f'gemv_out_in: block_k={block_k} must be a power of 2 '
                      f'dividing d_in={d_in}')
 
@@ -166,7 +188,7 @@ def check_shapes_out_in(d_out, d_in, block_n, block_k):
 def fits_out_in(d_out, d_in, norm=False):
   """Whether the default out-in tiling covers a (d_out, d_in) kernel (and,
   with norm, the row fits the LayerNorm that reads it whole)."""
-  if norm and not _power_of_2(d_in):
+  if norm and not power_of_2(d_in):
     return False
   try:
     check_shapes_out_in(d_out, d_in, *default_tiling_out_in(d_out, d_in)[:2])
@@ -197,7 +219,7 @@ def gemv_out_in(x, w_t, *, bias=None, norm=None, relu=False, residual=None,
   block_k = block_k or tiling[1]
   num_warps = num_warps or tiling[2]
   check_shapes_out_in(d_out, d_in, block_n, block_k)
-  if norm is not None and not _power_of_2(d_in):
+  if norm is not None and not power_of_2(d_in):
     raise ValueError(f'gemv_out_in: a norm reads the whole row, whose width '
                      f'must then be a power of 2 (Triton), not d_in={d_in}')
   out_dtype = jnp.result_type(x.dtype, w_t.dtype)
@@ -220,17 +242,13 @@ def gemv_out_in(x, w_t, *, bias=None, norm=None, relu=False, residual=None,
     x_ref, w_ref, *refs, o_ref = refs
     if norm is not None:
       scale_ref, shift_ref, *refs = refs
-      xf = x_ref[...].astype(jnp.float32)
-      mean = jnp.mean(xf)
-      rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean)) + epsilon)
+      normed = layer_norm_in_kernel(x_ref, scale_ref, shift_ref, epsilon)
 
     def row_part(i):
       part = pl.ds(i * block_k, block_k)
-      xs = x_ref[part].astype(jnp.float32)
       if norm is not None:
-        xs = ((xs - mean) * rstd * scale_ref[part].astype(jnp.float32)
-              + shift_ref[part].astype(jnp.float32))
-      return xs
+        return normed(part)
+      return x_ref[part].astype(jnp.float32)
 
     def body(i, acc):
       ws = w_ref[:, pl.ds(i * block_k, block_k)].astype(jnp.float32)
@@ -247,9 +265,7 @@ def gemv_out_in(x, w_t, *, bias=None, norm=None, relu=False, residual=None,
       y = y + refs[0][...].astype(jnp.float32)
     o_ref[...] = y
 
-  params = {}
-  if pl_triton is not None and not interpret:
-    params['compiler_params'] = pl_triton.CompilerParams(num_warps=num_warps)
+  params = compiler_params(interpret, num_warps)
   y = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((d_out,), jnp.float32),
