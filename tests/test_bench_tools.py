@@ -1,0 +1,55 @@
+"""The trace reader of bench/decode_profile.py, on traces written here."""
+
+import gzip
+import json
+import os
+
+import pytest
+
+from bench import decode_profile
+
+
+def _write_trace(directory, events, name='host.trace.json.gz'):
+  path = os.path.join(directory, 'plugins', 'profile', 'run', name)
+  os.makedirs(os.path.dirname(path))
+  with gzip.open(path, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+
+
+def _meta(pid, name):
+  return {'ph': 'M', 'name': 'process_name', 'pid': pid, 'args': {'name': name}}
+
+
+def test_device_events_keeps_device_kernels_in_time_order(tmp_path):
+  events = [
+      _meta(1, '/host:CPU'),
+      _meta(2, '/device:GPU:0'),
+      _meta(3, '/device:GPU:0 host threads'),  # a host track named after a device
+      {'ph': 'X', 'pid': 2, 'name': 'fusion_2', 'ts': 30.0, 'dur': 4.0},
+      {'ph': 'X', 'pid': 1, 'name': 'ExecuteHelper', 'ts': 5.0, 'dur': 50.0},
+      {'ph': 'X', 'pid': 2, 'name': 'gemv', 'ts': 10.0, 'dur': 6.5},
+      {'ph': 'X', 'pid': 3, 'name': 'launch', 'ts': 11.0, 'dur': 1.0},
+      {'ph': 'X', 'pid': 2, 'name': 'no_duration', 'ts': 12.0},
+      {'ph': 'i', 'pid': 2, 'name': 'instant', 'ts': 13.0, 'dur': 1.0},
+  ]
+  _write_trace(str(tmp_path), events)
+  got, tracks = decode_profile.device_events(str(tmp_path))
+  assert got == [('gemv', 10.0, 6.5), ('fusion_2', 30.0, 4.0)]
+  assert tracks == ['/device:GPU:0']
+
+
+def test_device_events_reads_a_bare_event_list_and_perfetto_name(tmp_path):
+  events = [_meta(7, '/device:GPU:0'),
+            {'ph': 'X', 'pid': 7, 'name': 'k', 'ts': 1, 'dur': 2}]
+  _write_trace(str(tmp_path), events, name='perfetto_trace.json.gz')
+  # The list form (no 'traceEvents' wrapper) is read too.
+  path = os.path.join(str(tmp_path), 'plugins', 'profile', 'run',
+                      'perfetto_trace.json.gz')
+  with gzip.open(path, 'wt') as f:
+    json.dump(events, f)
+  assert decode_profile.device_events(str(tmp_path))[0] == [('k', 1.0, 2.0)]
+
+
+def test_device_events_names_the_directory_without_a_trace(tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    decode_profile.device_events(str(tmp_path))
