@@ -25,6 +25,28 @@ def test_greedy_matches_eval_mode_argmax():
   np.testing.assert_array_equal(got, seq[:, 4:])
 
 
+def test_forced_logits_equal_eval_mode_logits():
+  """Sampler.forced_logits runs the decoding step over given tokens: its
+  logits equal eval mode's on the whole sequence, at batch 2."""
+  eval_model = model_lib.DecoderLM(mode='eval', **CFG)
+  eval_model.init(shapes.ShapeDtype((2, 9), np.int32), rng=jax.random.PRNGKey(3))
+  tokens = np.random.RandomState(0).randint(0, 40, (2, 9)).astype(np.int32)
+  want, _ = eval_model.pure_fn(tokens, eval_model.weights, eval_model.state,
+                               eval_model.rng)
+  sampler = sampling.Sampler(model_lib.DecoderLM(mode='predict', **CFG), batch_size=2)
+  got = sampler.forced_logits(eval_model.weights, tokens)
+  assert got.shape == (2, 9, 40)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  # Fed other tokens from position 5 on, the logits before it stay.
+  other = tokens.copy()
+  other[:, 5:] = (other[:, 5:] + 1) % 40
+  changed = sampler.forced_logits(eval_model.weights, other)
+  np.testing.assert_allclose(changed[:, :5], got[:, :5], atol=1e-6)
+  assert np.abs(changed[:, 5:] - got[:, 5:]).max() > 1e-3
+  with pytest.raises(ValueError, match='batch 2'):
+    sampler.forced_logits(eval_model.weights, tokens[:1])
+
+
 def test_choose_next_top_k_and_temperature():
   logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
   draws = [int(sampling.choose_next(logits, jax.random.PRNGKey(i), 1.0, top_k=2)[0])

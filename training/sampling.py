@@ -319,6 +319,47 @@ class Sampler:
                        'targets from encoder inputs with Sampler.decode.')
     return self._run(weights, prompt, n_new, temperature, top_k, seed)
 
+  def forced_logits(self, weights, tokens):
+    """The logits of the decoding path fed `tokens` one position at a time.
+
+    Runs the step `generate` runs (weights in their decoding forms and the
+    compute dtype, one row per step) over the given tokens instead of the
+    chosen ones, so two builds of the decoder (fusion on and off, say) can be
+    compared logit by logit on the same sequence.
+
+    Args:
+      weights: the model's weight tree.
+      tokens: (batch, length) int32, batch equal to batch_size.
+
+    Returns:
+      (batch, length, vocab) float32 numpy array; [:, t] scores the token
+      after tokens[:, t].
+    """
+    from training.trainer import cast_floats  # pylint: disable=g-import-not-at-top
+    if self.two_inputs:
+      raise ValueError('forced_logits runs a decoder-only model (n_in 1).')
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2 or tokens.shape[0] != self._batch_size:
+      raise ValueError(f'tokens must be (batch {self._batch_size}, length), '
+                       f'not {tuple(tokens.shape)}.')
+    if self.max_length is not None and tokens.shape[1] > self.max_length:
+      raise ValueError(f'{tokens.shape[1]} tokens exceed the model\'s '
+                       f'predict-mode cache of {self.max_length} positions.')
+    model = self._model
+
+    def run(weights, tokens):
+      weights = cast_floats(weights, self._dtype)
+      state = cast_floats(self._initial_state, self._dtype)
+      def step(state, token):
+        out, state = model.pure_fn(token[:, None], weights, state,
+                                   jax.random.PRNGKey(0))
+        out = out[0] if model.n_out > 1 else out
+        return state, out[:, -1].astype(jnp.float32)
+      return jnp.swapaxes(jax.lax.scan(step, state, tokens.T)[1], 0, 1)
+
+    weights = self._decoding_weights(match_structure(weights, self._template))
+    return np.asarray(jax.jit(run)(weights, tokens))
+
   def decode(self, weights, inputs, n_new, temperature=0.0, top_k=None, seed=0,
              prompt=None, start_id=0):
     """Decodes target tokens of an encoder-decoder given its encoder inputs.
