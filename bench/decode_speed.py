@@ -88,7 +88,7 @@ flags.DEFINE_enum('one_query_gpu', None, ['pallas', 'xla'], 'Off a CPU, a decodi
 flags.DEFINE_bool('decoding_forms', True, 'Hand layers that offer one their weights in a decoding form (training.sampling.DECODING_FORMS): ConvQKV its kernels side by side.')
 flags.DEFINE_bool('fused_decoding_gpu', None, 'Off a CPU, run the dense decoder\'s pre-norm blocks as fused products (training.model.FUSED_DECODING_GPU; default: its value).')
 flags.DEFINE_bool('fused_sparse_ff_gpu', None, 'Off a CPU, with the fused blocks, run SparseFF\'s decoding step as its per-block kernel (terraformer.sparse_ff.FUSED_DECODING_GPU; default: its value).')
-flags.DEFINE_bool('fused_sparse_qkv_gpu', None, 'Off a CPU, with the fused blocks, run the sparse-QKV attention\'s decoding step as its two kernels (terraformer.sparse_qkv.FUSED_DECODING_GPU; default: its value).')
+flags.DEFINE_bool('fused_sparse_qkv_gpu', None, 'Off a CPU, with the fused blocks, run the sparse-QKV attention\'s decoding step as its three kernels (terraformer.sparse_qkv.FUSED_DECODING_GPU; default: its value).')
 flags.DEFINE_bool('gpu_kernels_out_in', True, 'Off a CPU, hand Dense layers their kernels transposed too (training.sampling.GPU_KERNELS_OUT_IN).')
 flags.DEFINE_string('one_row_gpu', '',
                     'Overrides of training.model.ONE_ROW_GPU_FORMS, e.g. '

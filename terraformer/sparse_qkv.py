@@ -64,12 +64,16 @@ SPARSITY_TYPES = (None, 'None', 'mult', 'lowrank', 'einsum', 'local', 'local3')
 PREDICT_AS_MATMUL = None
 # A decoding step (one row) off the CPU may run the sparse-QKV attention
 # inside its pre-norm block (`training.model.PreNormResidual`, with
-# FUSED_DECODING_GPU there) as two Pallas kernels: the LayerNorm and the
-# FactoredDense (`_factored_rows`), then one program per head that convolves
-# its module's Q, K and V from the current and remembered positions, writes
-# K and V into the caches and attends (`_conv_attend`).  For the layer as
-# the paper's Table 1 uses it: sparsity = n_heads, v_concat_type 'none', no
-# output layer, length_kernel_size >= 2.  Off until timed on a GPU.
+# FUSED_DECODING_GPU there) as three Pallas kernels: the LayerNorm and the
+# FactoredDense (`_factored_rows`), then the convolution's products per tap,
+# part and module, then one program per head that sums its Q, K and V,
+# writes K and V into the caches and attends (`_conv_attend`).  For the
+# layer as the paper's Table 1 uses it: sparsity = n_heads, v_concat_type
+# 'none', no output layer, length_kernel_size >= 2.  Off: on an H100 in s26
+# the first form (a loop over the input in 16 programs, then one program per
+# head reading every tap) made the sparse-QKV model 2.2 ms/token against
+# 0.93 without it; this form, with no loops and hundreds of programs, is
+# not yet timed on a GPU.
 FUSED_DECODING_GPU = False
 
 
@@ -616,7 +620,7 @@ class _SparseQKVAttention(tl.Serial):
     self._fusable = fusable
 
   def fused_step(self, x, norm):
-    """x + this(LayerNorm(x)) for one row in two kernels; None where the
+    """x + this(LayerNorm(x)) for one row in three kernels; None where the
     layer or the shapes do not fit (see FUSED_DECODING_GPU)."""
     if not (FUSED_DECODING_GPU and self._fusable
             and math.prod(x.shape[:-1]) == 1):
@@ -646,43 +650,48 @@ class _SparseQKVAttention(tl.Serial):
 
 
 def _factored_rows(x, norm, gating, projection, bias, interpret, block=64):
-  """FactoredDense(LayerNorm(x)) for one row, one program per module:
-  m[s] = (LayerNorm(x) * D[s]) @ E + b[s], as (S, d_out / S) float32."""
+  """FactoredDense(LayerNorm(x)) for one row: m[s] = (LayerNorm(x) * D[s])
+  @ E + b[s], as (S, d_out / S) float32.
+
+  One program per module and block of `block` inputs writes that block's
+  part of m[s] (no loop: a loop over the blocks left each program waiting
+  on one load after another, 43 us per layer on an H100 in s26); XLA sums
+  the parts and adds b.
+  """
   scale, shift, epsilon = norm
   n_modules, d_in = gating.shape
   d_module = projection.shape[1]
   block = min(block, d_in)
+  n_blocks = d_in // block
 
-  def kernel(x_ref, s_ref, t_ref, d_ref, e_ref, b_ref, o_ref):
-    normed = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)
+  def kernel(x_ref, s_ref, t_ref, d_ref, e_ref, o_ref):
+    part = pl.ds(pl.program_id(1) * block, block)
+    g = (gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(part)
+         * d_ref[0, :].astype(jnp.float32))
+    o_ref[...] = jnp.sum(e_ref[...].astype(jnp.float32) * g[:, None],
+                         axis=0)[None, None, :]
 
-    def body(i, acc):
-      part = pl.ds(i * block, block)
-      g = normed(part) * d_ref[0, part].astype(jnp.float32)
-      return acc + e_ref[part, :].astype(jnp.float32) * g[:, None]
-    acc = jax.lax.fori_loop(0, d_in // block, body,
-                            jnp.zeros((block, d_module), jnp.float32))
-    o_ref[...] = (jnp.sum(acc, axis=0) + b_ref[...].astype(jnp.float32))[None, :]
-
-  whole = lambda size: pl.BlockSpec((size,), lambda s: (0,))
-  return pl.pallas_call(
+  whole = lambda size: pl.BlockSpec((size,), lambda s, k: (0,))
+  parts = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((n_modules, d_module), jnp.float32),
-      grid=(n_modules,),
+      out_shape=jax.ShapeDtypeStruct((n_blocks, n_modules, d_module),
+                                     jnp.float32),
+      grid=(n_modules, n_blocks),
       in_specs=[whole(d_in), whole(d_in), whole(d_in),
-                pl.BlockSpec((1, d_in), lambda s: (s, 0)),
-                pl.BlockSpec((d_in, d_module), lambda s: (0, 0)),
-                pl.BlockSpec((d_module,), lambda s: (s,))],
-      out_specs=pl.BlockSpec((1, d_module), lambda s: (s, 0)),
+                pl.BlockSpec((1, block), lambda s, k: (s, k)),
+                pl.BlockSpec((block, d_module), lambda s, k: (k, 0))],
+      out_specs=pl.BlockSpec((1, 1, d_module), lambda s, k: (k, s, 0)),
       interpret=interpret,
       **gemv_lib.compiler_params(interpret, 4),
   )(x.reshape(d_in), scale.reshape(d_in), shift.reshape(d_in), gating,
-    projection, bias)
+    projection)
+  return (jnp.sum(parts, axis=0)
+          + bias.reshape(n_modules, d_module).astype(jnp.float32))
 
 
 def _conv_attend(x, m, ring, count, kernel, bias, k_cache, v_cache, pos,
                  interpret):
-  """ConvQKV and the attention of one decoding step, one program per head.
+  """ConvQKV and the attention of one decoding step, in two kernels.
 
   x: the block's input row (d_model,) (added back: the residual); m (S,
   d_module) float32, the FactoredDense output of this position; ring
@@ -692,11 +701,14 @@ def _conv_attend(x, m, ring, count, kernel, bias, k_cache, v_cache, pos,
   side by side (`_side_by_side`; parts 2 when Q and K are shared); caches
   (heads, max_len, d_head) in trax's layout, filled below `pos`.
 
-  Program h (head h = module h) convolves its module's q, k, v from modules
-  h - 1 .. h + 1 of this and the remembered positions, writes k and v into
-  the caches at `pos` (aliased in and out), attends over positions 0 .. pos
-  and adds x's slice.  Returns (out (heads, d_head) float32, k_cache,
-  v_cache).
+  First one program per tap (kernel row and column), part and module h
+  multiplies its input row (module h + column - 1 of this or a remembered
+  position) by that tap's (d_module, d_module) block.  Then program h
+  (head h = module h) sums its taps into its q, k and v, writes k and v
+  into the caches at `pos` (aliased in and out), attends over positions
+  0 .. pos and adds x's slice.  (One program per head doing it all read
+  every tap's block in turn: 21 us per layer on an H100 in s26.)  Returns
+  (out (heads, d_head) float32, k_cache, v_cache).
   """
   n_modules, d_module = m.shape
   n_len, width = kernel.shape[:2]
@@ -705,57 +717,77 @@ def _conv_attend(x, m, ring, count, kernel, bias, k_cache, v_cache, pos,
   heads, max_len, d_head = k_cache.shape
   d_model = heads * d_head
   half = (width - 1) // 2
+  taps = n_len * width
+  scalars = jnp.stack([count, pos]).astype(jnp.int32)
+
+  def conv_fn(scalars_ref, m_ref, ring_ref, w_ref, o_ref):
+    t, h = pl.program_id(0), pl.program_id(2)
+    back, c = t // width, t % width  # position count - back, kernel column c
+    slot = (scalars_ref[0] - jnp.maximum(back, 1) + n_past) % n_past
+    src = h + c - half
+    inside = (src >= 0) & (src < n_modules)
+    srcc = jnp.clip(src, 0, n_modules - 1)
+    row = jnp.where(
+        back == 0, m_ref[pl.ds(srcc, 1), :].astype(jnp.float32),
+        ring_ref[0, pl.ds(slot, 1), pl.ds(srcc * d_module, d_module)]
+        .astype(jnp.float32))
+    row = jnp.where(inside, row, 0.0)  # (1, d_module)
+    o_ref[...] = jnp.sum(row[0][:, None] * w_ref[0, 0].astype(jnp.float32),
+                         axis=0)[None, None, None, :]
+
+  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  products = pl.pallas_call(
+      conv_fn,
+      out_shape=jax.ShapeDtypeStruct((taps, parts, n_modules, d_module),
+                                     jnp.float32),
+      grid=(taps, parts, n_modules),
+      in_specs=[whole((2,)), whole(m.shape), whole(ring.shape),
+                pl.BlockSpec((1, 1, d_module, d_module),
+                             lambda t, j, h: (n_len - 1 - t // width,
+                                              t % width, 0, j))],
+      out_specs=pl.BlockSpec((1, 1, 1, d_module), lambda t, j, h: (t, j, h, 0)),
+      interpret=interpret,
+      **gemv_lib.compiler_params(interpret, 4),
+  )(scalars, m, ring, kernel)
+
   block_len = decode_attention.default_tiling(max_len)[0]
   scale = d_head ** -0.5
-  def kernel_fn(scalars_ref, x_ref, m_ref, ring_ref, w_ref, b_ref,
-                k_ref, v_ref, o_ref, ko_ref, vo_ref):
+
+  def attend_fn(scalars_ref, x_ref, p_ref, b_ref, k_ref, v_ref, o_ref, ko_ref,
+                vo_ref):
     h = pl.program_id(0)
-    count, last = scalars_ref[0], scalars_ref[1]
-    u = [b_ref[pl.ds(j * d_module, d_module)].astype(jnp.float32)
-         for j in range(parts)]
-    for back in range(n_len):  # position count - back, kernel row n_len - 1 - back
-      slot = (count - back + n_past) % n_past
-      for c in range(width):
-        src = h + c - half
-        inside = (src >= 0) & (src < n_modules)
-        srcc = jnp.clip(src, 0, n_modules - 1)
-        if back == 0:
-          row = m_ref[pl.ds(srcc, 1), :]
-        else:
-          row = ring_ref[0, pl.ds(slot, 1), pl.ds(srcc * d_module, d_module)]
-        row = jnp.where(inside, row.astype(jnp.float32), 0.0)  # (1, d_module)
-        for j in range(parts):
-          w = w_ref[n_len - 1 - back, c, :, pl.ds(j * d_module, d_module)]
-          u[j] = u[j] + jnp.sum(row[0][:, None] * w.astype(jnp.float32), axis=0)
+    last = scalars_ref[1]
+    u = []
+    for j in range(parts):
+      acc = b_ref[pl.ds(j * d_module, d_module)].astype(jnp.float32)
+      for t in range(taps):
+        acc = acc + p_ref[t, j, pl.ds(h, 1), :][0]
+      u.append(acc)
     q, v = u[0], u[-1]
     k = u[1] if parts == 3 else q
     n = jnp.clip((last - 1) // block_len + 1, 0, max_len // block_len)
     carry = decode_attention.attend_cached(q, k_ref, v_ref, 0, n, last,
                                            block_len, scale)
-    mx, l, acc = decode_attention.attend_one_more(carry, q, k, v, scale)
+    _, l, acc = decode_attention.attend_one_more(carry, q, k, v, scale)
     out = acc / l + x_ref[pl.ds(h * d_head, d_head)].astype(jnp.float32)
     o_ref[...] = out[None, :]
     ko_ref[0, pl.ds(last, 1), :] = k[None, :].astype(ko_ref.dtype)
     vo_ref[0, pl.ds(last, 1), :] = v[None, :].astype(vo_ref.dtype)
-    del mx
 
-  whole = lambda shape: pl.BlockSpec(shape, lambda h: (0,) * len(shape))
   cache = pl.BlockSpec((1, max_len, d_head), lambda h: (h, 0, 0))
-  scalars = jnp.stack([count, pos]).astype(jnp.int32)
   return pl.pallas_call(
-      kernel_fn,
+      attend_fn,
       out_shape=(jax.ShapeDtypeStruct((heads, d_head), jnp.float32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       grid=(heads,),
-      in_specs=[whole((2,)), whole((d_model,)), whole(m.shape),
-                whole(ring.shape), whole(kernel.shape), whole(bias.shape),
-                cache, cache],
+      in_specs=[whole((2,)), whole((d_model,)), whole(products.shape),
+                whole(bias.shape), cache, cache],
       out_specs=(pl.BlockSpec((1, d_head), lambda h: (h, 0)), cache, cache),
-      input_output_aliases={6: 1, 7: 2},
+      input_output_aliases={4: 1, 5: 2},
       interpret=interpret,
       **gemv_lib.compiler_params(interpret, 4),
-  )(scalars, x.reshape(d_model), m, ring, kernel, bias, k_cache, v_cache)
+  )(scalars, x.reshape(d_model), products, bias, k_cache, v_cache)
 
 
 class DotProductCausalAttention(tl.DotProductCausalAttention):

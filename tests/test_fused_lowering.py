@@ -43,9 +43,9 @@ def _triton_calls(monkeypatch, d_model, n_heads, **mix):
 @pytest.mark.parametrize('mix,kernels', [
     ({}, 5),                        # QKV, attention, output; two feed-forward
     (dict(ff_sparsity=8), 5),       # dense attention 3; SparseFF 2
-    (dict(attention_sparsity=4), 4),  # sparse attention 2; feed-forward 2
-    (dict(attention_sparsity=4, share_qk=True), 4),
-    (dict(attention_sparsity=4, ff_sparsity=8), 4),
+    (dict(attention_sparsity=4), 5),  # sparse attention 3; feed-forward 2
+    (dict(attention_sparsity=4, share_qk=True), 5),
+    (dict(attention_sparsity=4, ff_sparsity=8), 5),
 ])
 def test_fused_blocks_lower_to_triton(mix, kernels, monkeypatch):
   assert _triton_calls(monkeypatch, 64, 4, **mix) == kernels

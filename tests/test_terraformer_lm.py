@@ -320,9 +320,9 @@ def test_fused_sparse_qkv_decoding_gives_eval_logits_and_the_same_samples(
     mix, monkeypatch):
   """With the fused decoding blocks and sparse_qkv.FUSED_DECODING_GPU on (a
   CPU here, Pallas interpreted) one-row steps of the sparse-QKV attention
-  run its two kernels (FactoredDense with the norm; per head the
-  convolutions from the remembered positions, the cache update and the
-  attention): the logits equal eval mode's token by token, and the samples
+  run its kernels (FactoredDense with the norm; the convolutions' products
+  from this and the remembered positions; per head the sums, the cache
+  update and the attention): the logits equal eval mode's token by token, and the samples
   equal those of a Sampler without the fusion.  With an output layer the
   attention is not fused, and decodes as before."""
   from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
