@@ -59,10 +59,14 @@ def main(argv):
   weights = jax.device_put(eval_model.weights)
   prompt = np.random.RandomState(FLAGS.seed).randint(
       0, kwargs['vocab_size'], (FLAGS.batch, 4)).astype(np.int32)
+
+  def fusion(on):  # every fusion switch, read when a step is traced
+    model_lib.FUSED_DECODING_GPU = on
+    sparse_ff.FUSED_DECODING_GPU = sparse_qkv.FUSED_DECODING_GPU = on
+
   out, samplers = {}, {}
   for fused in (False, True):
-    model_lib.FUSED_DECODING_GPU = fused
-    sparse_ff.FUSED_DECODING_GPU = sparse_qkv.FUSED_DECODING_GPU = fused
+    fusion(fused)
     samplers[fused] = sampling.Sampler(
         models.TerraformerLM(mode='predict', max_len=max_len, **kwargs),
         batch_size=FLAGS.batch, compute_dtype=dtype)
@@ -78,8 +82,7 @@ def main(argv):
   seq = np.concatenate([prompt, out[False]], axis=1)[:, :-1]
   logits = {}
   for fused in (False, True):
-    model_lib.FUSED_DECODING_GPU = fused
-    sparse_ff.FUSED_DECODING_GPU = sparse_qkv.FUSED_DECODING_GPU = fused
+    fusion(fused)
     logits[fused] = samplers[fused].forced_logits(weights, seq)
   a, b = logits[False], logits[True]
   diff = np.abs(a - b)
@@ -91,6 +94,7 @@ def main(argv):
         f'{np.median(diff.max(-1)):.3g}; argmax differs at {int(differs.sum())} '
         f'positions, top-2 margins there {np.round(margin[differs], 5).tolist()[:8]} '
         f'(median margin everywhere {np.median(margin):.3g})')
+
 
 if __name__ == '__main__':
   app.run(main)

@@ -418,7 +418,7 @@ def _chosen_units(x, norm, z, m2_f, mb, w1, w2, interpret):
     h = jnp.maximum(jnp.sum(w1_row * xn[None, :]), 0.0)
     o_ref[...] = h * w2_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
 
-  whole = lambda size: pl.BlockSpec((size,), lambda j: (0,))
+  whole = lambda size: gemv_lib.whole_block((size,))
   rows = pl.BlockSpec((1, n, d_model), lambda j: (j, 0, 0))
   params = gemv_lib.compiler_params(interpret, 4)
   return pl.pallas_call(

@@ -671,7 +671,7 @@ def _factored_rows(x, norm, gating, projection, bias, interpret, block=64):
     o_ref[...] = jnp.sum(e_ref[...].astype(jnp.float32) * g[:, None],
                          axis=0)[None, None, :]
 
-  whole = lambda size: pl.BlockSpec((size,), lambda s, k: (0,))
+  whole = lambda size: gemv_lib.whole_block((size,))
   parts = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((n_blocks, n_modules, d_module),
@@ -735,7 +735,7 @@ def _conv_attend(x, m, ring, count, kernel, bias, k_cache, v_cache, pos,
     o_ref[...] = jnp.sum(row[0][:, None] * w_ref[0, 0].astype(jnp.float32),
                          axis=0)[None, None, None, :]
 
-  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  whole = gemv_lib.whole_block
   products = pl.pallas_call(
       conv_fn,
       out_shape=jax.ShapeDtypeStruct((taps, parts, n_modules, d_module),

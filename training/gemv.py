@@ -65,6 +65,12 @@ def compiler_params(interpret, num_warps):
   return {'compiler_params': pl_triton.CompilerParams(num_warps=num_warps)}
 
 
+def whole_block(shape):
+  """A BlockSpec handing every program of any grid the whole array."""
+  shape = tuple(shape)
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
 def layer_norm_in_kernel(x_ref, scale_ref, shift_ref, epsilon):
   """Inside a kernel: the LayerNorm of the row x_ref (float32 statistics
   over the whole row, which Triton loads whole: its width a power of 2), as

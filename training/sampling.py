@@ -274,27 +274,42 @@ class Sampler:
     self._generate = jax.jit(self._generate_fn, static_argnums=(3, 4, 5),
                              compiler_options=decode_compiler_options())
 
+  def _step(self, weights, tokens, state, rng, inputs=None):
+    """The model over `tokens` -> (the last position's logits, state)."""
+    x = tokens if inputs is None else (inputs, tokens)
+    out, state = self._model.pure_fn(x, weights, state, rng)
+    out = out[0] if self._model.n_out > 1 else out
+    return out[:, -1], state
+
+  def _cast(self, weights):
+    """Weights and the initial state (caches and other float state) in the
+    compute dtype."""
+    from training.trainer import cast_floats  # pylint: disable=g-import-not-at-top
+    return (cast_floats(weights, self._dtype),
+            cast_floats(self._initial_state, self._dtype))
+
+  def _check(self, tokens, total, what):
+    """Refuses a batch other than the sampler's and `total` positions beyond
+    the predict-mode cache (`what` says how they add up)."""
+    if tokens.shape[0] != self._batch_size:
+      raise ValueError(f'prompt batch {tokens.shape[0]} != sampler batch '
+                       f'{self._batch_size}; build the Sampler with that batch.')
+    if self.max_length is not None and total > self.max_length:
+      raise ValueError(
+          f'{what} = {total} tokens exceeds the model\'s predict-mode cache '
+          f'of {self.max_length} positions (its max_len); use fewer tokens '
+          f'or build the model with a larger max_len.')
+
   def _generate_fn(self, weights, prompt, rng, n_new, temperature, top_k,
                    inputs=None):
-    from training.trainer import cast_floats  # pylint: disable=g-import-not-at-top
-    weights = cast_floats(weights, self._dtype)
-    model = self._model
+    weights, state = self._cast(weights)
     rngs = jax.random.split(rng, n_new)
-    # Caches and other float state compute in the weights' dtype too.
-    state = cast_floats(self._initial_state, self._dtype)
-
-    def run(tokens, state, rng_t):  # -> (last position's logits, state)
-      x = tokens if inputs is None else (inputs, tokens)
-      out, state = model.pure_fn(x, weights, state, rng_t)
-      out = out[0] if model.n_out > 1 else out
-      return out[:, -1], state
-
-    logits, state = run(prompt, state, rngs[0])
+    logits, state = self._step(weights, prompt, state, rngs[0], inputs)
     first = choose_next(logits, rngs[0], temperature, top_k)
 
     def one_token(carry, rng_t):
       token, state = carry
-      logits, state = run(token[:, None], state, rng_t)
+      logits, state = self._step(weights, token[:, None], state, rng_t, inputs)
       nxt = choose_next(logits, rng_t, temperature, top_k)
       return (nxt, state), token
 
@@ -335,30 +350,24 @@ class Sampler:
       (batch, length, vocab) float32 numpy array; [:, t] scores the token
       after tokens[:, t].
     """
-    from training.trainer import cast_floats  # pylint: disable=g-import-not-at-top
     if self.two_inputs:
       raise ValueError('forced_logits runs a decoder-only model (n_in 1).')
     tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim != 2 or tokens.shape[0] != self._batch_size:
-      raise ValueError(f'tokens must be (batch {self._batch_size}, length), '
-                       f'not {tuple(tokens.shape)}.')
-    if self.max_length is not None and tokens.shape[1] > self.max_length:
-      raise ValueError(f'{tokens.shape[1]} tokens exceed the model\'s '
-                       f'predict-mode cache of {self.max_length} positions.')
-    model = self._model
+    if tokens.ndim != 2:
+      raise ValueError(f'tokens must be (batch, length), not {tuple(tokens.shape)}.')
+    self._check(tokens, tokens.shape[1], f'length {tokens.shape[1]}')
 
     def run(weights, tokens):
-      weights = cast_floats(weights, self._dtype)
-      state = cast_floats(self._initial_state, self._dtype)
-      def step(state, token):
-        out, state = model.pure_fn(token[:, None], weights, state,
+      weights, state = self._cast(weights)
+      def one_token(state, token):
+        logits, state = self._step(weights, token[:, None], state,
                                    jax.random.PRNGKey(0))
-        out = out[0] if model.n_out > 1 else out
-        return state, out[:, -1].astype(jnp.float32)
-      return jnp.swapaxes(jax.lax.scan(step, state, tokens.T)[1], 0, 1)
+        return state, logits.astype(jnp.float32)
+      return jnp.swapaxes(jax.lax.scan(one_token, state, tokens.T)[1], 0, 1)
 
     weights = self._decoding_weights(match_structure(weights, self._template))
-    return np.asarray(jax.jit(run)(weights, tokens))
+    run = jax.jit(run, compiler_options=decode_compiler_options())
+    return np.asarray(run(weights, tokens))
 
   def decode(self, weights, inputs, n_new, temperature=0.0, top_k=None, seed=0,
              prompt=None, start_id=0):
@@ -391,18 +400,10 @@ class Sampler:
 
   def _run(self, weights, prompt, n_new, temperature, top_k, seed, inputs=None):
     prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.shape[0] != self._batch_size:
-      raise ValueError(f'prompt batch {prompt.shape[0]} != sampler batch '
-                       f'{self._batch_size}; build the Sampler with that batch.')
     if n_new < 1:
       raise ValueError(f'n_new must be at least 1, not {n_new}.')
-    total = prompt.shape[1] + n_new
-    if self.max_length is not None and total > self.max_length:
-      raise ValueError(
-          f'prompt length {prompt.shape[1]} + n_new {n_new} = {total} tokens '
-          f'exceeds the model\'s predict-mode cache of {self.max_length} '
-          f'positions (its max_len); generate fewer tokens or build the '
-          f'model with a larger max_len.')
+    self._check(prompt, prompt.shape[1] + n_new,
+                f'prompt length {prompt.shape[1]} + n_new {n_new}')
     weights = self._decoding_weights(match_structure(weights, self._template))
     out = self._generate(weights, prompt, jax.random.PRNGKey(seed), n_new,
                          temperature, top_k, inputs)
