@@ -71,7 +71,9 @@ PREDICT_AS_MATMUL = None
 # layer as the paper's Table 1 uses it: sparsity = n_heads, v_concat_type
 # 'none', no output layer, length_kernel_size >= 2.  On since s27: on an
 # H100 the sparse-QKV model decoded at 0.889 ms/token with it and 0.963
-# without, sparse FF+QKV at 0.566 against 0.595 (BENCHMARKS.md).  (The first
+# without, sparse FF+QKV at 0.566 against 0.595 (BENCHMARKS.md), with the
+# FactoredDense's parts summed, the ring and the counters updated by XLA's
+# kernels (four per layer, since folded into the Pallas ones; untimed).  (The first
 # form, s26, a loop over the input in 16 programs and then one program per
 # head reading every tap, took 2.2 ms/token.)
 FUSED_DECODING_GPU = True
