@@ -3,8 +3,8 @@ r"""Do two forms of a decoding step choose the same tokens?  (A GPU check.)
 Samples greedily from one random-weight model of `decode_speed.py`'s
 shapes and variants (weights in --dtype) with the fused decoding blocks off
 and on (`training.model.FUSED_DECODING_GPU` and `terraformer.sparse_ff`'s
-and `sparse_qkv`'s, all together; each form its own Sampler, compiled with
-the switches set) and prints the share of equal tokens and where they
+and `sparse_qkv`'s, all together, or with --compare one sparse layer's
+alone; each form its own Sampler, compiled with the switches set) and prints the share of equal tokens and where they
 first differ.  Then it feeds both builds the same tokens (the prompt and
 the unfused path's choices; `training.sampling.Sampler.forced_logits`) and
 prints how far apart their logits are and the unfused path's top-2 margin
@@ -15,6 +15,7 @@ kernels interpreted on a CPU (slow; `training.model.FUSED_ON_CPU`).
 
     python bench/decode_agreement.py --shape=small --batch=1 --n_tokens=150
     python bench/decode_agreement.py --variant=sparse_ff_qkv --dtype=bfloat16
+    python bench/decode_agreement.py --variant=sparse_ff_qkv --compare=sparse_qkv
 
 (The fused blocks run for one row only: with --batch above 1 both forms
 are the same program.)
@@ -35,6 +36,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer('n_tokens', 150, 'tokens decoded.')
 flags.DEFINE_integer('seed', 0, 'weights and prompt.')
 flags.DEFINE_string('variant', 'dense', 'one of decode_speed.VARIANTS.')
+flags.DEFINE_enum('compare', 'all', ['all', 'sparse_ff', 'sparse_qkv'],
+                  'all: every fused form off against every one on; '
+                  'sparse_ff / sparse_qkv: only that layer\'s fused step '
+                  'off against on, the others on in both builds.')
 flags.DEFINE_bool('fused_on_cpu', False, 'on a CPU, run the fused forms '
                   'interpreted (training.model.FUSED_ON_CPU).')
 
@@ -60,9 +65,11 @@ def main(argv):
   prompt = np.random.RandomState(FLAGS.seed).randint(
       0, kwargs['vocab_size'], (FLAGS.batch, 4)).astype(np.int32)
 
-  def fusion(on):  # every fusion switch, read when a step is traced
-    model_lib.FUSED_DECODING_GPU = on
-    sparse_ff.FUSED_DECODING_GPU = sparse_qkv.FUSED_DECODING_GPU = on
+  def fusion(on):  # the switches, read when a step is traced
+    compared = FLAGS.compare
+    model_lib.FUSED_DECODING_GPU = on if compared == 'all' else True
+    sparse_ff.FUSED_DECODING_GPU = on if compared in ('all', 'sparse_ff') else True
+    sparse_qkv.FUSED_DECODING_GPU = on if compared in ('all', 'sparse_qkv') else True
 
   out, samplers = {}, {}
   for fused in (False, True):
@@ -75,7 +82,7 @@ def main(argv):
   same = out[False] == out[True]
   first = [int(np.argmin(r)) if not r.all() else None for r in same]
   print(f'{FLAGS.variant}, {FLAGS.shape}, {FLAGS.dtype}, batch {FLAGS.batch}, {FLAGS.n_tokens} greedy tokens: '
-        f'{same.mean():.1%} equal (fused off / on); first difference per row: {first}')
+        f'{same.mean():.1%} equal ({FLAGS.compare} fused off / on); first difference per row: {first}')
   # Both builds fed the same sequence (the prompt, then the unfused path's
   # tokens): how far apart their logits are, and how close the unfused
   # path's top two were where the argmax differs (a near tie, or not).
