@@ -639,8 +639,9 @@ class _SparseQKVAttention(tl.Serial):
     conv = self._conv_qkv
     if conv._history.n_past < 1:  # pylint: disable=protected-access
       return None  # (one module: a position-wise product, nothing remembered)
-    kernel, conv_bias = (conv.weights[0] if conv._combined  # pylint: disable=protected-access
-                         else _side_by_side(conv._convs, [c.weights for c in conv._convs]))  # pylint: disable=protected-access
+    if not conv._combined:  # pylint: disable=protected-access
+      return None  # (needs the kernels side by side: training.sampling.DECODING_FORMS)
+    kernel, conv_bias = conv.weights[0]
     ring, count = conv._history.state  # pylint: disable=protected-access
     interpret = jax.default_backend() == 'cpu'
     m = _factored_rows(x, norm, gating, projection, bias, interpret)

@@ -270,6 +270,31 @@ def _stepped_logits(model, weights, state, ids, first):
   return np.concatenate(got, axis=1)
 
 
+def test_fused_sparse_qkv_step_declines_without_the_decoding_form(monkeypatch):
+  """With the convolutions' kernels not side by side (DECODING_FORMS off)
+  the sparse-QKV fused step declines: no kernel runs for it, and one-row
+  steps still give eval mode's logits."""
+  from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
+  mix = dict(attention_sparsity=4)
+  eval_model = models.TerraformerLM(mode='eval', **CFG, **mix)
+  eval_model.init(shapes.ShapeDtype((1, 6), np.int32), rng=jax.random.PRNGKey(5))
+  _fusion_on(monkeypatch)
+  monkeypatch.setattr(sampling, 'DECODING_FORMS', False)
+  calls = []
+  real = sparse_qkv._conv_attend
+  monkeypatch.setattr(sparse_qkv, '_conv_attend',
+                      lambda *a: calls.append(1) or real(*a))
+  model = models.TerraformerLM(mode='predict', **CFG, **mix)
+  sampler = sampling.Sampler(model)
+  assert not any(c._combined for c in _conv_qkvs(model))
+  ids = np.random.RandomState(2).randint(0, CFG['vocab_size'], (1, 6)).astype(np.int32)
+  np.testing.assert_allclose(
+      _stepped_logits(model, sampler._decoding_weights(eval_model.weights),
+                      sampler._initial_state, ids, 3),
+      np.asarray(eval_model(ids)), atol=1e-5, rtol=1e-5)
+  assert not calls
+
+
 @pytest.mark.parametrize('mix', ['ff', 'all'])
 def test_fused_sparse_ff_decoding_gives_eval_logits_and_the_same_samples(
     mix, monkeypatch):
