@@ -76,7 +76,7 @@ PREDICT_AS_MATMUL = None
 # head reading every tap, took 2.2 ms/token.)  XLA still runs four small
 # kernels per layer around these (the FactoredDense parts' sum and its bias,
 # the ring update, the counters); a form with them folded into the Pallas
-# kernels (git branch s27-folded-qkv-kernels) is not yet timed.
+# kernels (bench/results/s27_folded_qkv_kernels.patch) is not yet timed.
 FUSED_DECODING_GPU = True
 
 
