@@ -273,6 +273,8 @@ class Sampler:
     self._prepared = None  # (weak references to the leaves it was made from, tree)
     self._generate = jax.jit(self._generate_fn, static_argnums=(3, 4, 5),
                              compiler_options=decode_compiler_options())
+    self._forced = jax.jit(self._forced_fn,
+                           compiler_options=decode_compiler_options())
 
   def _step(self, weights, tokens, state, rng, inputs=None):
     """The model over `tokens` -> (the last position's logits, state)."""
@@ -356,18 +358,17 @@ class Sampler:
     if tokens.ndim != 2:
       raise ValueError(f'tokens must be (batch, length), not {tuple(tokens.shape)}.')
     self._check(tokens, tokens.shape[1], f'length {tokens.shape[1]}')
-
-    def run(weights, tokens):
-      weights, state = self._cast(weights)
-      def one_token(state, token):
-        logits, state = self._step(weights, token[:, None], state,
-                                   jax.random.PRNGKey(0))
-        return state, logits.astype(jnp.float32)
-      return jnp.swapaxes(jax.lax.scan(one_token, state, tokens.T)[1], 0, 1)
-
     weights = self._decoding_weights(match_structure(weights, self._template))
-    run = jax.jit(run, compiler_options=decode_compiler_options())
-    return np.asarray(run(weights, tokens))
+    return np.asarray(self._forced(weights, tokens))
+
+  def _forced_fn(self, weights, tokens):
+    weights, state = self._cast(weights)
+
+    def one_token(state, token):
+      logits, state = self._step(weights, token[:, None], state,
+                                 jax.random.PRNGKey(0))
+      return state, logits.astype(jnp.float32)
+    return jnp.swapaxes(jax.lax.scan(one_token, state, tokens.T)[1], 0, 1)
 
   def decode(self, weights, inputs, n_new, temperature=0.0, top_k=None, seed=0,
              prompt=None, start_id=0):
