@@ -65,18 +65,20 @@ PREDICT_AS_MATMUL = None
 # A decoding step (one row) off the CPU may run the sparse-QKV attention
 # inside its pre-norm block (`training.model.PreNormResidual`, with
 # FUSED_DECODING_GPU there) as three Pallas kernels: the LayerNorm and the
-# FactoredDense (`_factored_rows`), then the convolution's products per tap,
+# FactoredDense (`_factored_parts`), then the convolution's products per tap,
 # part and module, then one program per head that sums its Q, K and V,
 # writes K and V into the caches and attends (`_conv_attend`).  For the
 # layer as the paper's Table 1 uses it: sparsity = n_heads, v_concat_type
-# 'none', no output layer, length_kernel_size >= 2.  On since s27: on an
-# H100 the sparse-QKV model decoded at 0.889 ms/token with it and 0.963
-# without, sparse FF+QKV at 0.566 against 0.595 (BENCHMARKS.md).  (The first
-# form, s26, a loop over the input in 16 programs and then one program per
-# head reading every tap, took 2.2 ms/token.)  XLA still runs four small
-# kernels per layer around these (the FactoredDense parts' sum and its bias,
-# the ring update, the counters); a form with them folded into the Pallas
-# kernels (bench/results/s27_folded_qkv_kernels.patch) is not yet timed.
+# 'none', no output layer, length_kernel_size >= 2.  No XLA kernel runs
+# between them: the convolution's and attention's programs sum the
+# FactoredDense parts they read, and the attention kernel writes the ring
+# and both counters.  On since s27; in this form since s28: on an H100 the
+# sparse-QKV model decoded at 0.821 ms/token against 0.887 with s27's form
+# (which left four XLA kernels per layer), and sparse FF+QKV at 176 kernels
+# per token against 225 (0.526 against 0.520 ms/token; BENCHMARKS.md).
+# Without the fused step (s27): 0.963 and 0.595.  (The first form, s26, a
+# loop over the input in 16 programs and then one program per head reading
+# every tap, took 2.2 ms/token.)
 FUSED_DECODING_GPU = True
 
 
@@ -644,23 +646,22 @@ class _SparseQKVAttention(tl.Serial):
     kernel, conv_bias = conv.weights[0]
     ring, count = conv._history.state  # pylint: disable=protected-access
     interpret = jax.default_backend() == 'cpu'
-    m = _factored_rows(x, norm, gating, projection, bias, interpret)
-    out, ks, vs = _conv_attend(x, m, ring, count, kernel, conv_bias, ks, vs,
-                               idx, interpret)
-    # Remember this position (the window extend returns is unused: dropped).
-    conv._history.extend(m.reshape(1, 1, d_model))  # pylint: disable=protected-access
-    self._attention.state = (ks, vs, idx + 1)
+    parts = _factored_parts(x, norm, gating, projection, interpret)
+    out, ring, ks, vs, count, idx = _conv_attend(
+        x, parts, bias, ring, count, kernel, conv_bias, ks, vs, idx, interpret)
+    conv._history.state = (ring, count)  # pylint: disable=protected-access
+    self._attention.state = (ks, vs, idx)
     return out.astype(x.dtype).reshape(x.shape)
 
 
-def _factored_rows(x, norm, gating, projection, bias, interpret, block=64):
-  """FactoredDense(LayerNorm(x)) for one row: m[s] = (LayerNorm(x) * D[s])
-  @ E + b[s], as (S, d_out / S) float32.
+def _factored_parts(x, norm, gating, projection, interpret, block=64):
+  """FactoredDense(LayerNorm(x)) for one row, in parts: part k of module s
+  is (LayerNorm(x) * D[s]) @ E over the k-th block of `block` inputs, so
+  m[s] = sum_k parts[k, s] + b[s]; (d_in / block, S, d_out / S) float32.
 
-  One program per module and block of `block` inputs writes that block's
-  part of m[s] (no loop: a loop over the blocks left each program waiting
-  on one load after another, 43 us per layer on an H100 in s26); XLA sums
-  the parts and adds b.
+  One program per module and block (no loop: a loop over the blocks left
+  each program waiting on one load after another, 43 us per layer on an
+  H100 in s26); `_conv_attend`'s programs sum the parts they read.
   """
   scale, shift, epsilon = norm
   n_modules, d_in = gating.shape
@@ -676,7 +677,7 @@ def _factored_rows(x, norm, gating, projection, bias, interpret, block=64):
                          axis=0)[None, None, :]
 
   whole = lambda size: gemv_lib.whole_block((size,))
-  parts = pl.pallas_call(
+  return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((n_blocks, n_modules, d_module),
                                      jnp.float32),
@@ -689,86 +690,118 @@ def _factored_rows(x, norm, gating, projection, bias, interpret, block=64):
       **gemv_lib.compiler_params(interpret, 4),
   )(x.reshape(d_in), scale.reshape(d_in), shift.reshape(d_in), gating,
     projection)
-  return (jnp.sum(parts, axis=0)
-          + bias.reshape(n_modules, d_module).astype(jnp.float32))
 
 
-def _conv_attend(x, m, ring, count, kernel, bias, k_cache, v_cache, pos,
-                 interpret):
+def _module_row(parts_ref, bias_ref, h, d_module):
+  """Inside a kernel: m[h] (d_module,) float32 from `_factored_parts`."""
+  return (jnp.sum(parts_ref[:, pl.ds(h, 1), :].astype(jnp.float32),
+                  axis=(0, 1))
+          + bias_ref[pl.ds(h * d_module, d_module)].astype(jnp.float32))
+
+
+def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
+                 v_cache, pos, interpret):
   """ConvQKV and the attention of one decoding step, in two kernels.
 
-  x: the block's input row (d_model,) (added back: the residual); m (S,
-  d_module) float32, the FactoredDense output of this position; ring
-  (1, n_past, d_model), count: ConvQKV's remembered positions (position p
-  at slot p % n_past) and the number seen; kernel (n_past + 1, 3, d_module,
-  parts * d_module), bias (parts * d_module,): the Q[, K], V convolutions
-  side by side (`_side_by_side`; parts 2 when Q and K are shared); caches
-  (heads, max_len, d_head) in trax's layout, filled below `pos`.
+  x: the block's input row (d_model,) (added back: the residual); parts,
+  m_bias: this position's FactoredDense output m in `_factored_parts`'s
+  parts and its bias; ring (1, n_past, d_model), count: ConvQKV's
+  remembered positions (position p at slot p % n_past) and the number seen;
+  kernel (n_past + 1, 3, d_module, parts * d_module), bias (parts *
+  d_module,): the Q[, K], V convolutions side by side (`_side_by_side`;
+  parts 2 when Q and K are shared); caches (heads, max_len, d_head) in
+  trax's layout, filled below `pos`.
 
   First one program per tap (kernel row and column), part and module h
-  multiplies its input row (module h + column - 1 of this or a remembered
-  position) by that tap's (d_module, d_module) block.  Then program h
-  (head h = module h) sums its taps into its q, k and v, writes k and v
-  into the caches at `pos` (aliased in and out), attends over positions
-  0 .. pos and adds x's slice.  (One program per head doing it all read
-  every tap's block in turn: 21 us per layer on an H100 in s26.)  Returns
-  (out (heads, d_head) float32, k_cache, v_cache).
+  multiplies its input row (module h + column - 1 of this position, summed
+  from its parts, or of a remembered one) by that tap's (d_module,
+  d_module) block.  Then program h (head h = module h) sums its taps into
+  its q, k and v, writes k and v into the caches at `pos` and m[h] into the
+  ring at count % n_past (all aliased in and out), attends over positions
+  0 .. pos and adds x's slice; it also writes count + 1 and pos + 1 (from
+  the copies the first kernel passes on, so XLA can write them in place),
+  so no other kernel runs for the step.  (One program per head doing it
+  all read every tap's block in turn: 21 us per layer on an H100 in s26.)
+  Returns
+  (out (heads, d_head) float32, ring, k_cache, v_cache, count + 1,
+  pos + 1).
   """
-  n_modules, d_module = m.shape
+  n_modules, d_module = parts.shape[1:]
   n_len, width = kernel.shape[:2]
-  parts = kernel.shape[-1] // d_module
+  n_qkv = kernel.shape[-1] // d_module
   n_past = ring.shape[1]
   heads, max_len, d_head = k_cache.shape
   d_model = heads * d_head
   half = (width - 1) // 2
   taps = n_len * width
-  scalars = jnp.stack([count, pos]).astype(jnp.int32)
+  count, pos = count.reshape(1), pos.reshape(1)
+  whole = gemv_lib.whole_block
 
-  def conv_fn(scalars_ref, m_ref, ring_ref, w_ref, o_ref):
+  def conv_fn(count_ref, pos_ref, p_ref, mb_ref, ring_ref, w_ref, o_ref,
+              co_ref, po_ref):
     t, h = pl.program_id(0), pl.program_id(2)
     back, c = t // width, t % width  # position count - back, kernel column c
-    slot = (scalars_ref[0] - jnp.maximum(back, 1) + n_past) % n_past
+    slot = (count_ref[0] - jnp.maximum(back, 1) + n_past) % n_past
     src = h + c - half
     inside = (src >= 0) & (src < n_modules)
     srcc = jnp.clip(src, 0, n_modules - 1)
-    row = jnp.where(
-        back == 0, m_ref[pl.ds(srcc, 1), :].astype(jnp.float32),
-        ring_ref[0, pl.ds(slot, 1), pl.ds(srcc * d_module, d_module)]
-        .astype(jnp.float32))
-    row = jnp.where(inside, row, 0.0)  # (1, d_module)
-    o_ref[...] = jnp.sum(row[0][:, None] * w_ref[0, 0].astype(jnp.float32),
-                         axis=0)[None, None, None, :]
 
-  whole = gemv_lib.whole_block
-  products = pl.pallas_call(
+    def product(row):  # (d_module,) -> this tap's output block
+      row = jnp.where(inside, row, 0.0)
+      o_ref[...] = jnp.sum(row[:, None] * w_ref[0, 0].astype(jnp.float32),
+                           axis=0)[None, None, None, :]
+
+    @pl.when(back == 0)
+    def _():
+      product(_module_row(p_ref, mb_ref, srcc, d_module))
+
+    @pl.when(back != 0)
+    def _():
+      product(ring_ref[0, pl.ds(slot, 1), pl.ds(srcc * d_module, d_module)]
+              [0].astype(jnp.float32))
+
+    # The counters as they were, for attend_fn (every program writes the same
+    # value): reading these there, not the loop's own, lets XLA write its new
+    # counters in place instead of copying them (two copies per layer).
+    co_ref[...] = count_ref[...]
+    po_ref[...] = pos_ref[...]
+
+  products, count, pos = pl.pallas_call(
       conv_fn,
-      out_shape=jax.ShapeDtypeStruct((taps, parts, n_modules, d_module),
-                                     jnp.float32),
-      grid=(taps, parts, n_modules),
-      in_specs=[whole((2,)), whole(m.shape), whole(ring.shape),
+      out_shape=(jax.ShapeDtypeStruct((taps, n_qkv, n_modules, d_module),
+                                      jnp.float32),
+                 jax.ShapeDtypeStruct((1,), count.dtype),
+                 jax.ShapeDtypeStruct((1,), pos.dtype)),
+      grid=(taps, n_qkv, n_modules),
+      in_specs=[whole((1,)), whole((1,)), whole(parts.shape),
+                whole(m_bias.shape), whole(ring.shape),
                 pl.BlockSpec((1, 1, d_module, d_module),
                              lambda t, j, h: (n_len - 1 - t // width,
                                               t % width, 0, j))],
-      out_specs=pl.BlockSpec((1, 1, 1, d_module), lambda t, j, h: (t, j, h, 0)),
+      out_specs=(pl.BlockSpec((1, 1, 1, d_module),
+                              lambda t, j, h: (t, j, h, 0)),
+                 whole((1,)), whole((1,))),
       interpret=interpret,
       **gemv_lib.compiler_params(interpret, 4),
-  )(scalars, m, ring, kernel)
+  )(count, pos, parts, m_bias, ring, kernel)
 
   block_len = decode_attention.default_tiling(max_len)[0]
   scale = d_head ** -0.5
 
-  def attend_fn(scalars_ref, x_ref, p_ref, b_ref, k_ref, v_ref, o_ref, ko_ref,
-                vo_ref):
+  def attend_fn(count_ref, pos_ref, x_ref, p_ref, b_ref, pp_ref, mb_ref,
+                ring_ref, k_ref, v_ref, o_ref, ro_ref, ko_ref, vo_ref,
+                co_ref, po_ref):
+    del ring_ref  # aliased to ro_ref: only written
     h = pl.program_id(0)
-    last = scalars_ref[1]
+    last = pos_ref[0]
     u = []
-    for j in range(parts):
+    for j in range(n_qkv):
       acc = b_ref[pl.ds(j * d_module, d_module)].astype(jnp.float32)
       for t in range(taps):
         acc = acc + p_ref[t, j, pl.ds(h, 1), :][0]
       u.append(acc)
     q, v = u[0], u[-1]
-    k = u[1] if parts == 3 else q
+    k = u[1] if n_qkv == 3 else q
     n = jnp.clip((last - 1) // block_len + 1, 0, max_len // block_len)
     carry = decode_attention.attend_cached(q, k_ref, v_ref, 0, n, last,
                                            block_len, scale)
@@ -777,21 +810,34 @@ def _conv_attend(x, m, ring, count, kernel, bias, k_cache, v_cache, pos,
     o_ref[...] = out[None, :]
     ko_ref[0, pl.ds(last, 1), :] = k[None, :].astype(ko_ref.dtype)
     vo_ref[0, pl.ds(last, 1), :] = v[None, :].astype(vo_ref.dtype)
+    m = _module_row(pp_ref, mb_ref, h, d_module)
+    ro_ref[0, pl.ds(count_ref[0] % n_past, 1), :] = (
+        m[None, :].astype(ro_ref.dtype))
+    co_ref[...] = count_ref[...] + 1  # the same value from every program
+    po_ref[...] = pos_ref[...] + 1
 
   cache = pl.BlockSpec((1, max_len, d_head), lambda h: (h, 0, 0))
-  return pl.pallas_call(
+  ring_part = pl.BlockSpec((1, n_past, d_module), lambda h: (0, 0, h))
+  out, ring, k_cache, v_cache, count, pos = pl.pallas_call(
       attend_fn,
       out_shape=(jax.ShapeDtypeStruct((heads, d_head), jnp.float32),
+                 jax.ShapeDtypeStruct(ring.shape, ring.dtype),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+                 jax.ShapeDtypeStruct((1,), count.dtype),
+                 jax.ShapeDtypeStruct((1,), pos.dtype)),
       grid=(heads,),
-      in_specs=[whole((2,)), whole((d_model,)), whole(products.shape),
-                whole(bias.shape), cache, cache],
-      out_specs=(pl.BlockSpec((1, d_head), lambda h: (h, 0)), cache, cache),
-      input_output_aliases={4: 1, 5: 2},
+      in_specs=[whole((1,)), whole((1,)), whole((d_model,)),
+                whole(products.shape), whole(bias.shape), whole(parts.shape),
+                whole(m_bias.shape), ring_part, cache, cache],
+      out_specs=(pl.BlockSpec((1, d_head), lambda h: (h, 0)), ring_part,
+                 cache, cache, whole((1,)), whole((1,))),
+      input_output_aliases={7: 1, 8: 2, 9: 3},
       interpret=interpret,
       **gemv_lib.compiler_params(interpret, 4),
-  )(scalars, x.reshape(d_model), products, bias, k_cache, v_cache)
+  )(count, pos, x.reshape(d_model),
+    products, bias, parts, m_bias, ring, k_cache, v_cache)
+  return out, ring, k_cache, v_cache, count.reshape(()), pos.reshape(())
 
 
 class DotProductCausalAttention(tl.DotProductCausalAttention):

@@ -361,7 +361,7 @@ def test_fused_sparse_qkv_decoding_gives_eval_logits_and_the_same_samples(
   calls = []
   real = sparse_qkv._conv_attend
   monkeypatch.setattr(sparse_qkv, '_conv_attend',
-                      lambda *a: calls.append(a[4].shape) or real(*a))
+                      lambda *a: calls.append(a[5].shape) or real(*a))
   model = models.TerraformerLM(mode='predict', **CFG, **mix)
   sampler = sampling.Sampler(model)
   prepared = sampler._decoding_weights(weights)
