@@ -55,9 +55,12 @@ MODES = ('train', 'eval', 'predict')
 # controller's first product in one (`training.gemv.gemv_out_in`), then one
 # program per block of N units that computes the block's controller logits,
 # picks its unit and multiplies that unit's rows of W1 and W2
-# (`_chosen_units`).  On: on an H100 (s26) the sparse-FF model decoded at
-# 0.577 ms/token with it and 0.672 without (800M shape, dense 0.74), and the
-# greedy tokens were the same (bench/results/decode_*_s26*).
+# (`_chosen_units`; one more program writes x + b2, so the one sum that
+# follows is the block's output).  On: on an H100 (s26) the sparse-FF model
+# decoded at 0.577 ms/token with it and 0.672 without (800M shape, dense
+# 0.74), and the greedy tokens were the same (bench/results/decode_*_s26*).
+# The extra program (s28) replaced an XLA addition after the sum: 0.567
+# against 0.596 ms/token in one call, sparse FF+QKV 0.530 against 0.555.
 FUSED_DECODING_GPU = True
 
 # Key that trax's `ReversibleHalfResidual.reverse_and_grad` looks for in a
@@ -250,9 +253,8 @@ class SparseFF(base.Layer):
     m1_t, m2_f, mb, w1, w2, b2 = self.weights
     interpret = jax.default_backend() == 'cpu'
     z = gemv_lib.gemv_out_in(x, m1_t, norm=norm, interpret=interpret)
-    parts = _chosen_units(x, norm, z, m2_f, mb, w1, w2, interpret)
-    y = jnp.sum(parts, axis=0) + b2.astype(jnp.float32) + x.reshape(-1)
-    return y.astype(x.dtype).reshape(x.shape)
+    rows = _chosen_units(x, norm, z, m2_f, mb, w1, w2, b2, interpret)
+    return jnp.sum(rows, axis=0).astype(x.dtype).reshape(x.shape)
 
   def init_weights_and_state(self, input_signature):
     """Initialises weights as trax does (shapes in the class docstring)."""
@@ -392,47 +394,61 @@ class SparseFF(base.Layer):
             @ jnp.reshape(w2, (self._d_ff, d_model))) + b2
 
 
-def _chosen_units(x, norm, z, m2_f, mb, w1, w2, interpret):
+def _chosen_units(x, norm, z, m2_f, mb, w1, w2, b2, interpret):
   """`SparseFF`'s chosen units for one row, one program per block of N.
 
   x: the row before its LayerNorm, norm = (scale, shift, epsilon); z: the
   controller's low-rank vector LayerNorm(x) @ m1, zero-padded to L; m2_f
-  (d1, N, L), mb (d1, N), w1 and w2 (d1, N, d_model).  Program j computes
-  block j's logits z @ m2_f[j] + mb[j], picks the first of their maxima k,
-  and writes relu(LayerNorm(x) . w1[j, k]) * w2[j, k]: (d1, d_model) float32
-  rows whose sum is the layer's output less b2.
+  (d1, N, L), mb (d1, N), w1 and w2 (d1, N, d_model), b2 (d_model,).
+  Program j < d1 computes block j's logits z @ m2_f[j] + mb[j], picks the
+  first of their maxima k, and writes relu(LayerNorm(x) . w1[j, k]) *
+  w2[j, k]; program d1 writes x + b2.  Returns those (d1 + 1, d_model)
+  float32 rows, whose sum is x plus the layer's output: one XLA reduction
+  is all that follows (adding b2 and x after it took a second kernel).
   """
   scale, shift, epsilon = norm
   d1, n, width = m2_f.shape
   d_model = x.shape[-1]
 
-  def kernel(x_ref, s_ref, t_ref, z_ref, m2_ref, mb_ref, w1_ref, w2_ref, o_ref):
-    xn = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(
-        pl.ds(0, d_model))
-    logits = (jnp.sum(m2_ref[0].astype(jnp.float32)
-                      * z_ref[...].astype(jnp.float32)[None, :], axis=1)
-              + mb_ref[0].astype(jnp.float32))
-    iota = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
-    k = jnp.min(jnp.where(logits == jnp.max(logits), iota, n))
-    w1_row = w1_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
-    h = jnp.maximum(jnp.sum(w1_row * xn[None, :]), 0.0)
-    o_ref[...] = h * w2_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
+  def kernel(x_ref, s_ref, t_ref, z_ref, b2_ref, m2_ref, mb_ref, w1_ref,
+             w2_ref, o_ref):
+    j = pl.program_id(0)
+
+    @pl.when(j < d1)
+    def _():
+      xn = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(
+          pl.ds(0, d_model))
+      logits = (jnp.sum(m2_ref[0].astype(jnp.float32)
+                        * z_ref[...].astype(jnp.float32)[None, :], axis=1)
+                + mb_ref[0].astype(jnp.float32))
+      iota = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+      k = jnp.min(jnp.where(logits == jnp.max(logits), iota, n))
+      w1_row = w1_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
+      h = jnp.maximum(jnp.sum(w1_row * xn[None, :]), 0.0)
+      o_ref[...] = h * w2_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
+
+    @pl.when(j == d1)
+    def _():
+      o_ref[...] = (x_ref[...].astype(jnp.float32)
+                    + b2_ref[...].astype(jnp.float32))[None, :]
 
   whole = lambda size: gemv_lib.whole_block((size,))
-  rows = pl.BlockSpec((1, n, d_model), lambda j: (j, 0, 0))
+  last = lambda j: jnp.minimum(j, d1 - 1)  # program d1 reads no block
+  rows = pl.BlockSpec((1, n, d_model), lambda j: (last(j), 0, 0))
   params = gemv_lib.compiler_params(interpret, 4)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((d1, d_model), jnp.float32),
-      grid=(d1,),
+      out_shape=jax.ShapeDtypeStruct((d1 + 1, d_model), jnp.float32),
+      grid=(d1 + 1,),
       in_specs=[whole(d_model), whole(d_model), whole(d_model), whole(width),
-                pl.BlockSpec((1, n, width), lambda j: (j, 0, 0)),
-                pl.BlockSpec((1, n), lambda j: (j, 0)), rows, rows],
+                whole(d_model),
+                pl.BlockSpec((1, n, width), lambda j: (last(j), 0, 0)),
+                pl.BlockSpec((1, n), lambda j: (last(j), 0)), rows, rows],
       out_specs=pl.BlockSpec((1, d_model), lambda j: (j, 0)),
       interpret=interpret,
       **params,
   )(x.reshape(d_model), scale.reshape(d_model), shift.reshape(d_model),
-    z.reshape(width), m2_f, mb, w1, w2)
+    z.reshape(width), b2.reshape(d_model), m2_f, mb, w1, w2)
 
 
 class BlockSparseFF(base.Layer):
