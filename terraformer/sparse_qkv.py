@@ -66,7 +66,7 @@ PREDICT_AS_MATMUL = None
 # inside its pre-norm block (`training.model.PreNormResidual`, with
 # FUSED_DECODING_GPU there) as three Pallas kernels: the LayerNorm and the
 # FactoredDense (`_factored_parts`), then the convolution's products per tap,
-# part and module, then one program per head that sums its Q, K and V,
+# Q/K/V part and module, then one program per head that sums its Q, K and V,
 # writes K and V into the caches and attends (`_conv_attend`).  For the
 # layer as the paper's Table 1 uses it: sparsity = n_heads, v_concat_type
 # 'none', no output layer, length_kernel_size >= 2.  No XLA kernel runs
@@ -75,7 +75,8 @@ PREDICT_AS_MATMUL = None
 # and both counters.  On since s27; in this form since s28: on an H100 the
 # sparse-QKV model decoded at 0.821 ms/token against 0.887 with s27's form
 # (which left four XLA kernels per layer), and sparse FF+QKV at 176 kernels
-# per token against 225 (0.526 against 0.520 ms/token; BENCHMARKS.md).
+# per token against 225 (0.526 against 0.520 ms/token; BENCHMARKS.md; 7
+# kernels per layer then, 6 since SparseFF's extra row, s28).
 # Without the fused step (s27): 0.963 and 0.595.  (The first form, s26, a
 # loop over the input in 16 programs and then one program per head reading
 # every tap, took 2.2 ms/token.)
@@ -707,12 +708,12 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
   m_bias: this position's FactoredDense output m in `_factored_parts`'s
   parts and its bias; ring (1, n_past, d_model), count: ConvQKV's
   remembered positions (position p at slot p % n_past) and the number seen;
-  kernel (n_past + 1, 3, d_module, parts * d_module), bias (parts *
+  kernel (n_past + 1, 3, d_module, n_qkv * d_module), bias (n_qkv *
   d_module,): the Q[, K], V convolutions side by side (`_side_by_side`;
-  parts 2 when Q and K are shared); caches (heads, max_len, d_head) in
+  n_qkv 2 when Q and K are shared); caches (heads, max_len, d_head) in
   trax's layout, filled below `pos`.
 
-  First one program per tap (kernel row and column), part and module h
+  First one program per tap (kernel row and column), Q/K/V part and module h
   multiplies its input row (module h + column - 1 of this position, summed
   from its parts, or of a remembered one) by that tap's (d_module,
   d_module) block.  Then program h (head h = module h) sums its taps into

@@ -55,3 +55,10 @@ def test_widths_triton_cannot_load_whole_fall_back_to_xla(monkeypatch):
   """d_model 48 (no power of 2): the fused blocks decline and the step
   lowers with XLA's kernels only (the LayerNorm's row does not fit)."""
   assert _triton_calls(monkeypatch, 48, 4) == 0
+
+
+def test_sparse_blocks_lower_with_factored_dense_in_parts(monkeypatch):
+  """d_model 128: the FactoredDense kernel writes two parts of m (blocks of
+  64 inputs), which the convolution and attention kernels sum as they read."""
+  assert _triton_calls(monkeypatch, 128, 4, attention_sparsity=4,
+                       ff_sparsity=8) == 5

@@ -1,4 +1,6 @@
 """TerraformerLM: every mix of sparse FF / QKV / loss decodes like eval mode and trains."""
+import functools
+
 import jax
 from jax import numpy as jnp
 import numpy as np
@@ -260,6 +262,17 @@ def _fusion_on(monkeypatch):
   monkeypatch.setattr(model_lib, 'FUSED_ON_CPU', True)
 
 
+def _vectors_randomized(model, seed=7):
+  """Gives the model's 1-D weights (biases, norm scales and shifts) random
+  N(0, 0.5) offsets and returns its weights: initialised biases are near 0,
+  too small for the tolerances here to notice one that a kernel drops."""
+  rng = np.random.RandomState(seed)
+  model.weights = jax.tree_util.tree_map(
+      lambda w: w + rng.normal(0, 0.5, w.shape).astype(w.dtype)
+      if w.ndim == 1 else w, model.weights)
+  return model.weights
+
+
 def _stepped_logits(model, weights, state, ids, first):
   """Logits of a jitted predict step over ids[:, :first], then one id at a time."""
   step = jax.jit(model.pure_fn)
@@ -305,7 +318,7 @@ def test_fused_sparse_ff_decoding_gives_eval_logits_and_the_same_samples(
   prompt's rows through the plain form), and the samples equal those of a
   Sampler without the fusion."""
   eval_model = _eval_model(mix, batch=1, length=10)
-  weights = eval_model.weights
+  weights = _vectors_randomized(eval_model)
   reference = sampling.Sampler(models.TerraformerLM(mode='predict', **CFG, **MIXES[mix]))
   samples = _samples(reference, weights)
   assert not any(f._fused_form for f in _find(reference._model, sparse_ff.SparseFF))
@@ -353,11 +366,14 @@ def test_fused_sparse_qkv_decoding_gives_eval_logits_and_the_same_samples(
   from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
   eval_model = models.TerraformerLM(mode='eval', **CFG, **mix)
   eval_model.init(shapes.ShapeDtype((1, 10), np.int32), rng=jax.random.PRNGKey(5))
-  weights = eval_model.weights
+  weights = _vectors_randomized(eval_model)
   samples = _samples(sampling.Sampler(models.TerraformerLM(mode='predict', **CFG, **mix)),
                      weights)
 
   _fusion_on(monkeypatch)
+  # FactoredDense in blocks of 8 inputs: four parts of m to sum (d_model 32).
+  monkeypatch.setattr(sparse_qkv, '_factored_parts', functools.partial(
+      sparse_qkv._factored_parts, block=8))
   calls = []
   real = sparse_qkv._conv_attend
   monkeypatch.setattr(sparse_qkv, '_conv_attend',
