@@ -4,8 +4,8 @@ Samples greedily from one random-weight model of `decode_speed.py`'s
 shapes and variants (weights in --dtype) with the fused decoding blocks off
 and on (`training.model.FUSED_DECODING_GPU` and `terraformer.sparse_ff`'s
 and `sparse_qkv`'s, all together, or with --compare one sparse layer's
-alone; each form its own Sampler, compiled with the switches set) and prints the share of equal tokens and where they
-first differ.  Then it feeds both builds the same tokens (the prompt and
+alone; each form its own Sampler, compiled with the switches set) and
+prints the share of equal tokens and where they first differ.  Then it feeds both builds the same tokens (the prompt and
 the unfused path's choices; `training.sampling.Sampler.forced_logits`) and
 prints how far apart their logits are and the unfused path's top-2 margin
 wherever the two argmaxes differ.  Greedy decoding on random weights meets
@@ -66,10 +66,10 @@ def main(argv):
       0, kwargs['vocab_size'], (FLAGS.batch, 4)).astype(np.int32)
 
   def fusion(on):  # the switches, read when a step is traced
-    compared = FLAGS.compare
-    model_lib.FUSED_DECODING_GPU = on if compared == 'all' else True
-    sparse_ff.FUSED_DECODING_GPU = on if compared in ('all', 'sparse_ff') else True
-    sparse_qkv.FUSED_DECODING_GPU = on if compared in ('all', 'sparse_qkv') else True
+    compared = FLAGS.compare  # the switches not compared stay on
+    model_lib.FUSED_DECODING_GPU = on or compared != 'all'
+    sparse_ff.FUSED_DECODING_GPU = on or compared not in ('all', 'sparse_ff')
+    sparse_qkv.FUSED_DECODING_GPU = on or compared not in ('all', 'sparse_qkv')
 
   out, samplers = {}, {}
   for fused in (False, True):

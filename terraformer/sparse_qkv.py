@@ -72,14 +72,9 @@ PREDICT_AS_MATMUL = None
 # 'none', no output layer, length_kernel_size >= 2.  No XLA kernel runs
 # between them: the convolution's and attention's programs sum the
 # FactoredDense parts they read, and the attention kernel writes the ring
-# and both counters.  On since s27; in this form since s28: on an H100 the
-# sparse-QKV model decoded at 0.821 ms/token against 0.887 with s27's form
-# (which left four XLA kernels per layer), and sparse FF+QKV at 176 kernels
-# per token against 225 (0.526 against 0.520 ms/token; BENCHMARKS.md; 7
-# kernels per layer then, 6 since SparseFF's extra row, s28).
-# Without the fused step (s27): 0.963 and 0.595.  (The first form, s26, a
-# loop over the input in 16 programs and then one program per head reading
-# every tap, took 2.2 ms/token.)
+# and both counters.  On: on an H100 the sparse-QKV model decoded at 0.821
+# ms/token in this form, 0.887 with four XLA kernels per layer left around
+# it (s27's form) and 0.963 without the fused step (BENCHMARKS.md, s27-s28).
 FUSED_DECODING_GPU = True
 
 
@@ -723,8 +718,7 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
   the copies the first kernel passes on, so XLA can write them in place),
   so no other kernel runs for the step.  (One program per head doing it
   all read every tap's block in turn: 21 us per layer on an H100 in s26.)
-  Returns
-  (out (heads, d_head) float32, ring, k_cache, v_cache, count + 1,
+  Returns (out (heads, d_head) float32, ring, k_cache, v_cache, count + 1,
   pos + 1).
   """
   n_modules, d_module = parts.shape[1:]
