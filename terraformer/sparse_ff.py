@@ -51,16 +51,21 @@ MODES = ('train', 'eval', 'predict')
 
 # A decoding step (one row) off the CPU may run `SparseFF` inside its
 # pre-norm block (`training.model.PreNormResidual`, with FUSED_DECODING_GPU
-# there) as two Pallas kernels and one sum: the LayerNorm and the
-# controller's first product in one (`training.gemv.gemv_out_in`), then one
-# program per block of N units that computes the block's controller logits,
-# picks its unit and multiplies that unit's rows of W1 and W2
-# (`_chosen_units`; one more program writes x + b2, so the one sum that
-# follows is the block's output).  On: on an H100 (s26) the sparse-FF model
-# decoded at 0.577 ms/token with it and 0.672 without (800M shape, dense
-# 0.74), and the greedy tokens were the same (bench/results/decode_*_s26*).
-# The extra program (s28) replaced an XLA addition after the sum: 0.567
-# against 0.596 ms/token in one call, sparse FF+QKV 0.530 against 0.555.
+# there) as two Pallas kernels: the LayerNorm and the controller's first
+# product in one (`_controller`, which also writes x + b2), then one program
+# per block of N units that computes the block's controller logits, picks
+# its unit, multiplies that unit's rows of W1 and W2 and adds the result
+# into x + b2 atomically (`_chosen_units`), so no kernel follows.  The order
+# of those additions varies, so on a GPU the output's last bits may differ
+# from run to run; turn this off for bitwise-repeatable decoding.  On: on an
+# H100 (s26) the sparse-FF model decoded at 0.577 ms/token with the fused
+# step and 0.672 without (800M shape, dense 0.74; the same greedy tokens,
+# bench/results/decode_*_s26*).  s30 landed this form together with the
+# sparse-QKV kernels' loads-first change; against s28's form (one row per
+# block, summed after the kernel) without either, on one H100 in three
+# pairs of runs: sparse FF+QKV 0.484-0.491 against 0.507-0.530 ms/token,
+# sparse FF 0.530-0.553 against 0.548-0.604.  Timed alone once, the atomic
+# form was level (sparse FF 0.619 against 0.604, FF+QKV 0.522 against 0.530).
 FUSED_DECODING_GPU = True
 
 # Key that trax's `ReversibleHalfResidual.reverse_and_grad` looks for in a
@@ -220,6 +225,7 @@ class SparseFF(base.Layer):
     if not (FUSED_DECODING_GPU and self._mode == 'predict'
             and getattr(self, '_in_fused_block', False)
             and not self._multiply and model_lib.fused_decoding_here()
+            and gemv_lib.pl_triton is not None  # (its atomic addition)
             and self.state[0].shape[0] == 1 and gemv_lib.power_of_2(self._n)
             and gemv_lib.power_of_2(d_model)
             and gemv_lib.fits_out_in(self._lowrank_padded(), d_model)):
@@ -252,9 +258,9 @@ class SparseFF(base.Layer):
       return None
     m1_t, m2_f, mb, w1, w2, b2 = self.weights
     interpret = jax.default_backend() == 'cpu'
-    z = gemv_lib.gemv_out_in(x, m1_t, norm=norm, interpret=interpret)
-    rows = _chosen_units(x, norm, z, m2_f, mb, w1, w2, b2, interpret)
-    return jnp.sum(rows, axis=0).astype(x.dtype).reshape(x.shape)
+    z, start = _controller(x, norm, m1_t, b2, interpret)
+    y = _chosen_units(x, norm, z, m2_f, mb, w1, w2, start, interpret)
+    return y.astype(x.dtype).reshape(x.shape)
 
   def init_weights_and_state(self, input_signature):
     """Initialises weights as trax does (shapes in the class docstring)."""
@@ -394,61 +400,93 @@ class SparseFF(base.Layer):
             @ jnp.reshape(w2, (self._d_ff, d_model))) + b2
 
 
-def _chosen_units(x, norm, z, m2_f, mb, w1, w2, b2, interpret):
-  """`SparseFF`'s chosen units for one row, one program per block of N.
+def _controller(x, norm, m1_t, b2, interpret):
+  """The controller's low-rank vector z = LayerNorm(x) @ m1 (L,) and x + b2
+  (d_model,), both float32, in one kernel: a program per `block_n` rows of
+  m1_t (L, d_model) (`training.gemv`'s out-in tiling), the first of which
+  also writes x + b2, where `_chosen_units` adds its units' outputs."""
+  scale, shift, epsilon = norm
+  width, d_model = m1_t.shape
+  block_n, _, num_warps = gemv_lib.default_tiling_out_in(width, d_model)
+
+  def kernel(x_ref, s_ref, t_ref, m_ref, b2_ref, z_ref, start_ref):
+    m = m_ref[...].astype(jnp.float32)
+    xn = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(
+        pl.ds(0, d_model))
+    z_ref[...] = jnp.sum(m * xn[None, :], axis=1)
+
+    @pl.when(pl.program_id(0) == 0)
+    def _():
+      start_ref[...] = (x_ref[...].astype(jnp.float32)
+                        + b2_ref[...].astype(jnp.float32))
+
+  whole = lambda: gemv_lib.whole_block((d_model,))
+  return pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((width,), jnp.float32),
+                 jax.ShapeDtypeStruct((d_model,), jnp.float32)),
+      grid=(width // block_n,),
+      in_specs=[whole(), whole(), whole(),
+                pl.BlockSpec((block_n, d_model), lambda j: (j, 0)), whole()],
+      out_specs=(pl.BlockSpec((block_n,), lambda j: (j,)), whole()),
+      interpret=interpret,
+      name='sparse_ff_controller',
+      **gemv_lib.compiler_params(interpret, num_warps),
+  )(x.reshape(d_model), scale.reshape(d_model), shift.reshape(d_model), m1_t,
+    b2.reshape(d_model))
+
+
+def _chosen_units(x, norm, z, m2_f, mb, w1, w2, start, interpret):
+  """`SparseFF`'s output plus x for one row, one program per block of N.
 
   x: the row before its LayerNorm, norm = (scale, shift, epsilon); z: the
   controller's low-rank vector LayerNorm(x) @ m1, zero-padded to L; m2_f
-  (d1, N, L), mb (d1, N), w1 and w2 (d1, N, d_model), b2 (d_model,).
-  Program j < d1 computes block j's logits z @ m2_f[j] + mb[j], picks the
-  first of their maxima k, and writes relu(LayerNorm(x) . w1[j, k]) *
-  w2[j, k]; program d1 writes x + b2.  Returns those (d1 + 1, d_model)
-  float32 rows, whose sum is x plus the layer's output: one XLA reduction
-  is all that follows (adding b2 and x after it took a second kernel).
+  (d1, N, L), mb (d1, N), w1 and w2 (d1, N, d_model); start: x + b2
+  (d_model,) float32, from `_controller`.  Program j computes block j's
+  logits z @ m2_f[j] + mb[j], picks the first of their maxima k, and adds
+  relu(LayerNorm(x) . w1[j, k]) * w2[j, k] into start (aliased in and out)
+  by atomic additions, so no kernel follows: (d_model,) float32.  The order
+  of the additions varies from run to run, so the output's last bits can.
   """
   scale, shift, epsilon = norm
   d1, n, width = m2_f.shape
   d_model = x.shape[-1]
 
-  def kernel(x_ref, s_ref, t_ref, z_ref, b2_ref, m2_ref, mb_ref, w1_ref,
-             w2_ref, o_ref):
-    j = pl.program_id(0)
-
-    @pl.when(j < d1)
-    def _():
-      xn = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(
-          pl.ds(0, d_model))
-      logits = (jnp.sum(m2_ref[0].astype(jnp.float32)
-                        * z_ref[...].astype(jnp.float32)[None, :], axis=1)
-                + mb_ref[0].astype(jnp.float32))
-      iota = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
-      k = jnp.min(jnp.where(logits == jnp.max(logits), iota, n))
-      w1_row = w1_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
-      h = jnp.maximum(jnp.sum(w1_row * xn[None, :]), 0.0)
-      o_ref[...] = h * w2_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
-
-    @pl.when(j == d1)
-    def _():
-      o_ref[...] = (x_ref[...].astype(jnp.float32)
-                    + b2_ref[...].astype(jnp.float32))[None, :]
+  def kernel(x_ref, s_ref, t_ref, z_ref, m2_ref, mb_ref, w1_ref, w2_ref,
+             start_ref, o_ref):
+    del start_ref  # aliased to o_ref
+    # Each load as soon as its address is known: the controller's block
+    # first, then both rows of the chosen unit together.
+    m2 = m2_ref[0].astype(jnp.float32)
+    zz = z_ref[...].astype(jnp.float32)
+    mbb = mb_ref[0].astype(jnp.float32)
+    xn = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(
+        pl.ds(0, d_model))
+    logits = jnp.sum(m2 * zz[None, :], axis=1) + mbb
+    iota = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+    k = jnp.min(jnp.where(logits == jnp.max(logits), iota, n))
+    w1_row = w1_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
+    w2_row = w2_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
+    h = jnp.maximum(jnp.sum(w1_row * xn[None, :]), 0.0)
+    gemv_lib.pl_triton.atomic_add(o_ref, pl.ds(0, d_model), (h * w2_row)[0])
 
   whole = lambda size: gemv_lib.whole_block((size,))
-  last = lambda j: jnp.minimum(j, d1 - 1)  # program d1 reads no block
-  rows = pl.BlockSpec((1, n, d_model), lambda j: (last(j), 0, 0))
-  params = gemv_lib.compiler_params(interpret, 4)
+  rows = pl.BlockSpec((1, n, d_model), lambda j: (j, 0, 0))
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((d1 + 1, d_model), jnp.float32),
-      grid=(d1 + 1,),
+      out_shape=jax.ShapeDtypeStruct((d_model,), jnp.float32),
+      grid=(d1,),
       in_specs=[whole(d_model), whole(d_model), whole(d_model), whole(width),
-                whole(d_model),
-                pl.BlockSpec((1, n, width), lambda j: (last(j), 0, 0)),
-                pl.BlockSpec((1, n), lambda j: (last(j), 0)), rows, rows],
-      out_specs=pl.BlockSpec((1, d_model), lambda j: (j, 0)),
+                pl.BlockSpec((1, n, width), lambda j: (j, 0, 0)),
+                pl.BlockSpec((1, n), lambda j: (j, 0)), rows, rows,
+                whole(d_model)],
+      out_specs=whole(d_model),
+      input_output_aliases={8: 0},
       interpret=interpret,
-      **params,
+      name='sparse_ff_units',
+      **gemv_lib.compiler_params(interpret, 4),
   )(x.reshape(d_model), scale.reshape(d_model), shift.reshape(d_model),
-    z.reshape(width), b2.reshape(d_model), m2_f, mb, w1, w2)
+    z.reshape(width), m2_f, mb, w1, w2, start)
 
 
 class BlockSparseFF(base.Layer):

@@ -75,6 +75,9 @@ PREDICT_AS_MATMUL = None
 # and both counters.  On: on an H100 the sparse-QKV model decoded at 0.821
 # ms/token in this form, 0.887 with four XLA kernels per layer left around
 # it (s27's form) and 0.963 without the fused step (BENCHMARKS.md, s27-s28).
+# With every kernel's loads issued first and the cached attention loading
+# its next block before this one's arithmetic (s30; landed with SparseFF's
+# atomic form): 0.833-0.862 against 0.864-0.916 in three pairs of runs.
 FUSED_DECODING_GPU = True
 
 
@@ -667,10 +670,10 @@ def _factored_parts(x, norm, gating, projection, interpret, block=64):
 
   def kernel(x_ref, s_ref, t_ref, d_ref, e_ref, o_ref):
     part = pl.ds(pl.program_id(1) * block, block)
-    g = (gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(part)
-         * d_ref[0, :].astype(jnp.float32))
-    o_ref[...] = jnp.sum(e_ref[...].astype(jnp.float32) * g[:, None],
-                         axis=0)[None, None, :]
+    e = e_ref[...].astype(jnp.float32)  # loads before the LayerNorm's sums
+    d = d_ref[0, :].astype(jnp.float32)
+    g = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(part) * d
+    o_ref[...] = jnp.sum(e * g[:, None], axis=0)[None, None, :]
 
   whole = lambda size: gemv_lib.whole_block((size,))
   return pl.pallas_call(
@@ -741,10 +744,11 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
     inside = (src >= 0) & (src < n_modules)
     srcc = jnp.clip(src, 0, n_modules - 1)
 
+    w = w_ref[0, 0].astype(jnp.float32)  # loaded before either branch
+
     def product(row):  # (d_module,) -> this tap's output block
       row = jnp.where(inside, row, 0.0)
-      o_ref[...] = jnp.sum(row[:, None] * w_ref[0, 0].astype(jnp.float32),
-                           axis=0)[None, None, None, :]
+      o_ref[...] = jnp.sum(row[:, None] * w, axis=0)[None, None, None, :]
 
     @pl.when(back == 0)
     def _():
@@ -789,6 +793,9 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
     del ring_ref  # aliased to ro_ref: only written
     h = pl.program_id(0)
     last = pos_ref[0]
+    # Loads that wait on nothing first: the ring's new row and the residual.
+    m = _module_row(pp_ref, mb_ref, h, d_module)
+    x_h = x_ref[pl.ds(h * d_head, d_head)].astype(jnp.float32)
     u = []
     for j in range(n_qkv):
       acc = b_ref[pl.ds(j * d_module, d_module)].astype(jnp.float32)
@@ -801,11 +808,10 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
     carry = decode_attention.attend_cached(q, k_ref, v_ref, 0, n, last,
                                            block_len, scale)
     _, l, acc = decode_attention.attend_one_more(carry, q, k, v, scale)
-    out = acc / l + x_ref[pl.ds(h * d_head, d_head)].astype(jnp.float32)
+    out = acc / l + x_h
     o_ref[...] = out[None, :]
     ko_ref[0, pl.ds(last, 1), :] = k[None, :].astype(ko_ref.dtype)
     vo_ref[0, pl.ds(last, 1), :] = v[None, :].astype(vo_ref.dtype)
-    m = _module_row(pp_ref, mb_ref, h, d_module)
     ro_ref[0, pl.ds(count_ref[0] % n_past, 1), :] = (
         m[None, :].astype(ro_ref.dtype))
     co_ref[...] = count_ref[...] + 1  # the same value from every program

@@ -73,11 +73,17 @@ def attend_cached(qv, k_ref, v_ref, start, n, end, block_len, scale):
   Returns (running maximum, sum of exponentials, weighted sum of values)."""
   d_head = qv.shape[-1]
 
-  def body(i, carry):
-    m, l, acc = carry
+  def load(i):  # block i's keys and values
     first = start + i * block_len
-    k = k_ref[0, pl.ds(first, block_len), :].astype(jnp.float32)
-    v = v_ref[0, pl.ds(first, block_len), :].astype(jnp.float32)
+    return (k_ref[0, pl.ds(first, block_len), :].astype(jnp.float32),
+            v_ref[0, pl.ds(first, block_len), :].astype(jnp.float32))
+
+  def body(i, carry):
+    m, l, acc, k, v = carry
+    # The next block's loads go out before this block's arithmetic (the
+    # last iteration reloads its own block: in bounds, unused).
+    after = load(jnp.minimum(i + 1, n - 1))
+    first = start + i * block_len
     s = jnp.sum(k * qv[None, :], axis=1) * scale
     valid = first + jnp.arange(block_len) < end
     s = jnp.where(valid, s, _MASKED)
@@ -85,10 +91,12 @@ def attend_cached(qv, k_ref, v_ref, start, n, end, block_len, scale):
     p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
     keep = jnp.exp(m - m_new)
     return (m_new, l * keep + jnp.sum(p),
-            acc * keep + jnp.sum(p[:, None] * v, axis=0))
+            acc * keep + jnp.sum(p[:, None] * v, axis=0), *after)
 
-  return jax.lax.fori_loop(0, n, body, (jnp.float32(_MASKED), jnp.float32(0.0),
-                                        jnp.zeros((d_head,), jnp.float32)))
+  m, l, acc, _, _ = jax.lax.fori_loop(
+      0, n, body, (jnp.float32(_MASKED), jnp.float32(0.0),
+                   jnp.zeros((d_head,), jnp.float32), *load(0)))
+  return m, l, acc
 
 
 def attend_one_more(carry, qv, kn, vn, scale, counted=True):
