@@ -420,15 +420,15 @@ def _controller(x, norm, m1_t, b2, interpret):
       start_ref[...] = (x_ref[...].astype(jnp.float32)
                         + b2_ref[...].astype(jnp.float32))
 
-  whole = lambda: gemv_lib.whole_block((d_model,))
+  row = gemv_lib.whole_block((d_model,))
   return pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((width,), jnp.float32),
                  jax.ShapeDtypeStruct((d_model,), jnp.float32)),
       grid=(width // block_n,),
-      in_specs=[whole(), whole(), whole(),
-                pl.BlockSpec((block_n, d_model), lambda j: (j, 0)), whole()],
-      out_specs=(pl.BlockSpec((block_n,), lambda j: (j,)), whole()),
+      in_specs=[row, row, row,
+                pl.BlockSpec((block_n, d_model), lambda j: (j, 0)), row],
+      out_specs=(pl.BlockSpec((block_n,), lambda j: (j,)), row),
       interpret=interpret,
       name='sparse_ff_controller',
       **gemv_lib.compiler_params(interpret, num_warps),

@@ -73,17 +73,19 @@ def attend_cached(qv, k_ref, v_ref, start, n, end, block_len, scale):
   Returns (running maximum, sum of exponentials, weighted sum of values)."""
   d_head = qv.shape[-1]
 
+  first_of = lambda i: start + i * block_len
+
   def load(i):  # block i's keys and values
-    first = start + i * block_len
-    return (k_ref[0, pl.ds(first, block_len), :].astype(jnp.float32),
-            v_ref[0, pl.ds(first, block_len), :].astype(jnp.float32))
+    rows = pl.ds(first_of(i), block_len)
+    return (k_ref[0, rows, :].astype(jnp.float32),
+            v_ref[0, rows, :].astype(jnp.float32))
 
   def body(i, carry):
     m, l, acc, k, v = carry
     # The next block's loads go out before this block's arithmetic (the
     # last iteration reloads its own block: in bounds, unused).
     after = load(jnp.minimum(i + 1, n - 1))
-    first = start + i * block_len
+    first = first_of(i)
     s = jnp.sum(k * qv[None, :], axis=1) * scale
     valid = first + jnp.arange(block_len) < end
     s = jnp.where(valid, s, _MASKED)
