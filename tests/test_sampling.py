@@ -106,6 +106,15 @@ def test_cpu_decoding_loop_is_compiled_without_ynn_fusions():
   assert '%ynn_fusion' not in ours
 
 
+def test_compiler_options_follow_the_backend_after_another_was_seen(monkeypatch):
+  """A step traced for a GPU (the Triton-lowering tests pretend one) gets no
+  options, and does not leave the CPU's decoding without its own."""
+  with monkeypatch.context() as m:
+    m.setattr(jax, 'default_backend', lambda: 'gpu')
+    assert sampling.decode_compiler_options() is None
+  assert sampling.decode_compiler_options() == sampling.CPU_DECODE_OPTIONS
+
+
 def _dense_layers(layer):
   found = [layer] if isinstance(layer, model_lib.Dense) else []
   for sub in layer.sublayers:

@@ -65,21 +65,28 @@ def max_length(layer):
 CPU_DECODE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
-@functools.lru_cache(maxsize=None)
 def decode_compiler_options():
   """XLA options for the decoding loop on the default backend, or None.
 
   `CPU_DECODE_OPTIONS` on a CPU, if this jaxlib knows them (a jaxlib
-  without the option compiles with its defaults); None elsewhere.
+  without the option compiles with its defaults); None elsewhere.  The
+  answer is cached per backend name (read on each call), so a caller that
+  once saw another backend does not fix it for the CPU.
   """
-  if jax.default_backend() != 'cpu':
+  options = _compiler_options_for(jax.default_backend())
+  return dict(options) if options is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_options_for(backend):
+  if backend != 'cpu':
     return None
   try:
     jax.jit(lambda x: x + 1, compiler_options=CPU_DECODE_OPTIONS).lower(
         jnp.zeros(())).compile()
   except Exception:  # pylint: disable=broad-except
     return None
-  return dict(CPU_DECODE_OPTIONS)
+  return tuple(CPU_DECODE_OPTIONS.items())
 
 
 # On a CPU the Sampler hands each `training.model.Dense` its kernel transposed,
