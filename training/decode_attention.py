@@ -225,7 +225,7 @@ def _one_query(q, k_cache, v_cache, pos, update, packed_heads, out_shape_q,
                pl.BlockSpec((1, 1), lambda r, s: (r, s)),
                pl.BlockSpec((1, 1, d_head), lambda r, s: (r, s, 0))]
   args = [jnp.reshape(pos, (1,)).astype(jnp.int32)]
-  in_specs = [pl.BlockSpec((1,), lambda r, s: (0,))]
+  in_specs = [gemv_lib.whole_block((1,))]
   if packed_heads:  # q, k and v: blocks of one (b, 1, 3, h, d_head) array
     qkv = q.reshape(rows // packed_heads, 3, packed_heads, d_head)
     for j in range(3 if update else 1):

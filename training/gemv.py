@@ -231,7 +231,7 @@ def gemv_out_in(x, w_t, *, bias=None, norm=None, relu=False, residual=None,
   out_dtype = jnp.result_type(x.dtype, w_t.dtype)
   if residual is not None:
     out_dtype = jnp.result_type(out_dtype, residual.dtype)
-  row = lambda: pl.BlockSpec((d_in,), lambda j: (0,))
+  row = lambda: whole_block((d_in,))
   outs = lambda: pl.BlockSpec((block_n,), lambda j: (j,))
   operands = [x.reshape(d_in), w_t]
   in_specs = [row(), pl.BlockSpec((block_n, d_in), lambda j: (j, 0))]
