@@ -66,7 +66,18 @@ MODES = ('train', 'eval', 'predict')
 # pairs of runs: sparse FF+QKV 0.484-0.491 against 0.507-0.530 ms/token,
 # sparse FF 0.530-0.553 against 0.548-0.604.  Timed alone once, the atomic
 # form was level (sparse FF 0.619 against 0.604, FF+QKV 0.522 against 0.530).
+# s31: the per-block kernel reads m2 in power-of-2 pieces of the controller's
+# width (64 + 32 at the 800M shape, no padding to 128) with 8 warps a
+# program: 24 layers' fused steps took 8.95 us a layer against 10.34 in s30's
+# form (bench/sparse_ff_kernel.py, one H100), and in one pair of runs sparse
+# FF decoded at 0.498 ms/token against 0.547, FF+QKV at 0.455 against 0.548.
 FUSED_DECODING_GPU = True
+# Blocks of N units per program of `_chosen_units` (lowered to a divisor of
+# the number of blocks): each program sums its blocks' rows before one
+# atomic addition, so fewer programs contend for the output's addresses.
+# One is fastest: 8.95, 10.34, 11.83 and 12.63 us a layer for 1-4 blocks a
+# program (8 warps; bench/sparse_ff_kernel.py on one H100, s31).
+UNIT_BLOCKS_PER_PROGRAM = 1
 
 # Key that trax's `ReversibleHalfResidual.reverse_and_grad` looks for in a
 # layer state `(saved, {'running_second_time': ()})`; it hands the layer
@@ -209,9 +220,12 @@ class SparseFF(base.Layer):
     self._kernel_scaling = kernel_scaling
     self._fused_form = False  # weights in the fused decoding form
 
-  def _lowrank_padded(self):
-    """The controller's inner width padded to a power of 2 (at least 16)."""
-    return max(16, 1 << (self._d_lowrank - 1).bit_length())
+  def _lowrank_pieces(self):
+    """The controller's inner width as powers of 2 of at least 16 (largest
+    first; a rest below 16 padded to 16): 96 -> (64, 32), 8 -> (16,).  The
+    fused form stores m2 in these pieces, so no padding is read where the
+    width is a sum of such powers."""
+    return lowrank_pieces(self._d_lowrank)
 
   def use_decoding_form(self):
     """Switches a predict-mode layer decoding one row off the CPU, with
@@ -228,20 +242,24 @@ class SparseFF(base.Layer):
             and gemv_lib.pl_triton is not None  # (its atomic addition)
             and self.state[0].shape[0] == 1 and gemv_lib.power_of_2(self._n)
             and gemv_lib.power_of_2(d_model)
-            and gemv_lib.fits_out_in(self._lowrank_padded(), d_model)):
+            and gemv_lib.fits_out_in(sum(self._lowrank_pieces()), d_model)):
       return None
     self._fused_form = True
     return self.decoding_form
 
   def decoding_form(self, weights):
-    """(m1, m2, mb, w1, w2, b2) -> (m1 transposed, (L, d_model); m2 as
-    (d1, N, L); mb, w1, w2, b2 as they are), the controller's inner width
-    padded with zeros to L = `_lowrank_padded()`."""
+    """(m1, m2, mb, w1, w2, b2) -> (m1 transposed, (P, d_model); m2 as
+    (d1, N, L) split along L into `_lowrank_pieces()`, a tuple; mb, w1, w2,
+    b2 as they are), with P the pieces' sum (zero rows and columns where the
+    last piece pads the controller's width)."""
     m1, m2, mb, w1, w2, b2 = weights
-    pad = self._lowrank_padded() - self._d_lowrank
+    pieces = self._lowrank_pieces()
+    pad = sum(pieces) - self._d_lowrank
     m1_t = jnp.pad(m1.T, ((0, pad), (0, 0)))
     m2_f = jnp.pad(jnp.transpose(m2, (1, 2, 0)), ((0, 0), (0, 0), (0, pad)))
-    return (m1_t, m2_f, mb, w1, w2, b2)
+    starts = [sum(pieces[:i]) for i in range(len(pieces))]
+    parts = tuple(m2_f[..., a:a + w] for a, w in zip(starts, pieces))
+    return (m1_t, parts, mb, w1, w2, b2)
 
   def _controller_weights(self):
     """(m1, m2, mb) as trax lays them out, from either form."""
@@ -249,6 +267,7 @@ class SparseFF(base.Layer):
     if not self._fused_form:
       return m1, m2, mb
     r = self._d_lowrank
+    m2 = jnp.concatenate(m2, axis=-1)
     return m1[:r].T, jnp.transpose(m2[..., :r], (2, 0, 1)), mb
 
   def fused_step(self, x, norm):
@@ -256,10 +275,10 @@ class SparseFF(base.Layer):
     FUSED_DECODING_GPU); None where that does not apply."""
     if not self._fused_form or math.prod(x.shape[:-1]) != 1:
       return None
-    m1_t, m2_f, mb, w1, w2, b2 = self.weights
+    m1_t, m2_parts, mb, w1, w2, b2 = self.weights
     interpret = jax.default_backend() == 'cpu'
     z, start = _controller(x, norm, m1_t, b2, interpret)
-    y = _chosen_units(x, norm, z, m2_f, mb, w1, w2, start, interpret)
+    y = _chosen_units(x, norm, z, m2_parts, mb, w1, w2, start, interpret)
     return y.astype(x.dtype).reshape(x.shape)
 
   def init_weights_and_state(self, input_signature):
@@ -436,57 +455,85 @@ def _controller(x, norm, m1_t, b2, interpret):
     b2.reshape(d_model))
 
 
-def _chosen_units(x, norm, z, m2_f, mb, w1, w2, start, interpret):
-  """`SparseFF`'s output plus x for one row, one program per block of N.
+def _chosen_units(x, norm, z, m2_parts, mb, w1, w2, start, interpret,
+                  group=None, num_warps=8):
+  """`SparseFF`'s output plus x for one row, `group` blocks of N per program.
 
   x: the row before its LayerNorm, norm = (scale, shift, epsilon); z: the
-  controller's low-rank vector LayerNorm(x) @ m1, zero-padded to L; m2_f
-  (d1, N, L), mb (d1, N), w1 and w2 (d1, N, d_model); start: x + b2
-  (d_model,) float32, from `_controller`.  Program j computes block j's
-  logits z @ m2_f[j] + mb[j], picks the first of their maxima k, and adds
-  relu(LayerNorm(x) . w1[j, k]) * w2[j, k] into start (aliased in and out)
-  by atomic additions, so no kernel follows: (d_model,) float32.  The order
-  of the additions varies from run to run, so the output's last bits can.
+  controller's low-rank vector LayerNorm(x) @ m1 (P,); m2_parts: m2 as
+  (d1, N, L) split along L into pieces (`SparseFF._lowrank_pieces`) whose
+  widths sum to P; mb (d1, N), w1 and w2 (d1, N, d_model); start: x + b2
+  (d_model,) float32, from `_controller`.  For each of its blocks j a
+  program computes the logits z @ m2[j] + mb[j], picks the first of their
+  maxima k and takes relu(LayerNorm(x) . w1[j, k]) * w2[j, k]; it adds the
+  sum over its blocks into start (aliased in and out) by atomic additions,
+  so no kernel follows: (d_model,) float32.  The order of the additions
+  varies from run to run, so the output's last bits can.  group: blocks per
+  program (default UNIT_BLOCKS_PER_PROGRAM, lowered to a divisor of d1);
+  num_warps: Triton's, per program (8: 8.95 us a layer against 10.80 with
+  4 at the 800M shape on an H100, s31).
   """
   scale, shift, epsilon = norm
-  d1, n, width = m2_f.shape
+  d1, n, _ = m2_parts[0].shape
   d_model = x.shape[-1]
+  widths = [p.shape[-1] for p in m2_parts]
+  starts = [sum(widths[:i]) for i in range(len(widths))]
+  group = group or UNIT_BLOCKS_PER_PROGRAM
+  group = max(g for g in range(1, min(group, d1) + 1) if d1 % g == 0)
 
-  def kernel(x_ref, s_ref, t_ref, z_ref, m2_ref, mb_ref, w1_ref, w2_ref,
-             start_ref, o_ref):
+  def kernel(x_ref, s_ref, t_ref, z_ref, mb_ref, w1_ref, w2_ref, start_ref,
+             *refs):
     del start_ref  # aliased to o_ref
-    # Each load as soon as its address is known: the controller's block
-    # first, then both rows of the chosen unit together.
-    m2 = m2_ref[0].astype(jnp.float32)
-    zz = z_ref[...].astype(jnp.float32)
-    mbb = mb_ref[0].astype(jnp.float32)
+    *m2_refs, o_ref = refs
+    # Each load as soon as its address is known: the controller's blocks
+    # first, then both rows of each chosen unit.
+    m2 = [[r[g].astype(jnp.float32) for r in m2_refs] for g in range(group)]
+    zz = [z_ref[pl.ds(a, w)].astype(jnp.float32)
+          for a, w in zip(starts, widths)]
+    mbb = [mb_ref[g].astype(jnp.float32) for g in range(group)]
     xn = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(
         pl.ds(0, d_model))
-    logits = jnp.sum(m2 * zz[None, :], axis=1) + mbb
     iota = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
-    k = jnp.min(jnp.where(logits == jnp.max(logits), iota, n))
-    w1_row = w1_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
-    w2_row = w2_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
-    h = jnp.maximum(jnp.sum(w1_row * xn[None, :]), 0.0)
-    gemv_lib.pl_triton.atomic_add(o_ref, pl.ds(0, d_model), (h * w2_row)[0])
+    total = None
+    for g in range(group):
+      logits = mbb[g]
+      for m, zp in zip(m2[g], zz):
+        logits = logits + jnp.sum(m * zp[None, :], axis=1)
+      k = jnp.min(jnp.where(logits == jnp.max(logits), iota, n))
+      w1_row = w1_ref[g, pl.ds(k, 1), :].astype(jnp.float32)
+      w2_row = w2_ref[g, pl.ds(k, 1), :].astype(jnp.float32)
+      h = jnp.maximum(jnp.sum(w1_row * xn[None, :]), 0.0)
+      total = h * w2_row if total is None else total + h * w2_row
+    gemv_lib.pl_triton.atomic_add(o_ref, pl.ds(0, d_model), total[0])
 
   whole = lambda size: gemv_lib.whole_block((size,))
-  rows = pl.BlockSpec((1, n, d_model), lambda j: (j, 0, 0))
+  rows = pl.BlockSpec((group, n, d_model), lambda j: (j, 0, 0))
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((d_model,), jnp.float32),
-      grid=(d1,),
-      in_specs=[whole(d_model), whole(d_model), whole(d_model), whole(width),
-                pl.BlockSpec((1, n, width), lambda j: (j, 0, 0)),
-                pl.BlockSpec((1, n), lambda j: (j, 0)), rows, rows,
-                whole(d_model)],
+      grid=(d1 // group,),
+      in_specs=[whole(d_model), whole(d_model), whole(d_model),
+                whole(z.size), pl.BlockSpec((group, n), lambda j: (j, 0)),
+                rows, rows, whole(d_model)]
+               + [pl.BlockSpec((group, n, w), lambda j: (j, 0, 0))
+                  for w in widths],
       out_specs=whole(d_model),
-      input_output_aliases={8: 0},
+      input_output_aliases={7: 0},
       interpret=interpret,
       name='sparse_ff_units',
-      **gemv_lib.compiler_params(interpret, 4),
+      **gemv_lib.compiler_params(interpret, num_warps),
   )(x.reshape(d_model), scale.reshape(d_model), shift.reshape(d_model),
-    z.reshape(width), m2_f, mb, w1, w2, start)
+    z.reshape(-1), mb, w1, w2, start, *m2_parts)
+
+
+def lowrank_pieces(width, smallest=16):
+  """`width` as powers of 2 of at least `smallest`, largest first; a rest
+  below `smallest` becomes one more piece of `smallest` (padding)."""
+  pieces, rest = [], width
+  while rest >= smallest:
+    pieces.append(1 << (rest.bit_length() - 1))
+    rest -= pieces[-1]
+  return tuple(pieces + [smallest] * (rest > 0))
 
 
 class BlockSparseFF(base.Layer):

@@ -19,12 +19,12 @@ from training import model as model_lib
 from training import sampling
 
 
-def _triton_calls(monkeypatch, d_model, n_heads, **mix):
+def _triton_calls(monkeypatch, d_model, n_heads, d_ff=None, **mix):
   """Triton kernels in a one-token predict step exported for CUDA."""
   monkeypatch.setattr(model_lib, 'FUSED_DECODING_GPU', True)
   monkeypatch.setattr(sparse_ff, 'FUSED_DECODING_GPU', True)
   monkeypatch.setattr(sparse_qkv, 'FUSED_DECODING_GPU', True)
-  cfg = dict(vocab_size=64, d_model=d_model, d_ff=4 * d_model, n_layers=1,
+  cfg = dict(vocab_size=64, d_model=d_model, d_ff=d_ff or 4 * d_model, n_layers=1,
              n_heads=n_heads, max_len=32, **mix)
   eval_model = models.TerraformerLM(mode='eval', **cfg)
   eval_model.init(shapes.ShapeDtype((1, 4), np.int32))
@@ -62,3 +62,11 @@ def test_sparse_blocks_lower_with_factored_dense_in_parts(monkeypatch):
   64 inputs), which the convolution and attention kernels sum as they read."""
   assert _triton_calls(monkeypatch, 128, 4, attention_sparsity=4,
                        ff_sparsity=8) == 5
+
+
+@pytest.mark.parametrize('group', [1, 2])
+def test_sparse_ff_kernel_lowers_with_its_controller_in_pieces(group, monkeypatch):
+  """d_ff 384 in blocks of 8: the controller's width 48 is read as pieces
+  of 32 and 16 (no padding), `group` blocks a program."""
+  monkeypatch.setattr(sparse_ff, 'UNIT_BLOCKS_PER_PROGRAM', group)
+  assert _triton_calls(monkeypatch, 64, 4, d_ff=384, ff_sparsity=8) == 5

@@ -454,3 +454,36 @@ def test_bad_arguments_raise_clear_errors():
     sparse_ff.SparseFF(16, n_elements_in_block=4, mode='decode')
   with pytest.raises(ValueError, match='neither trax SparseFF'):
     sparse_ff.weights_from_trax(tl.Dense(4))
+
+
+@pytest.mark.parametrize('width,pieces', [
+    (8, (16,)), (16, (16,)), (48, (32, 16)), (96, (64, 32)), (100, (64, 32, 16))])
+def test_lowrank_pieces_cover_the_width_in_powers_of_2(width, pieces):
+  assert sparse_ff.lowrank_pieces(width) == pieces
+
+
+@pytest.mark.parametrize('group', [1, 2, 4, 3])  # 3 does not divide 12: 2
+def test_chosen_units_kernel_equals_its_formula(group):
+  """`_chosen_units` (interpreted) against numpy: per block the first unit
+  of the largest logit, relu(LayerNorm(x) . w1) * w2 summed, plus x + b2;
+  the controller's width 24 as pieces (16, 16), the last padded with zeros."""
+  rng = np.random.RandomState(group)
+  d_model, d1, n, width = 32, 12, 8, 24
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  x, scale, shift, z, b2 = f32(d_model), f32(d_model), f32(d_model), f32(width), f32(d_model)
+  m2, mb, w1, w2 = f32(d1, n, width), f32(d1, n), f32(d1, n, d_model), f32(d1, n, d_model)
+  mb[3, :] = 0.0  # block 3: a tie at 0, which the first unit wins
+  m2[3] = 0.0
+  xn = (x - x.mean()) / np.sqrt(x.var() + 1e-6) * scale + shift
+  logits = np.einsum('jnl,l->jn', m2, z) + mb
+  k = np.argmax(logits, axis=1)
+  h = np.maximum(np.einsum('jd,d->j', w1[np.arange(d1), k], xn), 0.0)
+  want = x + b2 + np.einsum('j,jd->d', h, w2[np.arange(d1), k])
+  padded = np.pad(m2, ((0, 0), (0, 0), (0, 8)))
+  z_padded = np.pad(z, (0, 8))
+  got = sparse_ff._chosen_units(
+      jnp.asarray(x), (jnp.asarray(scale), jnp.asarray(shift), 1e-6),
+      jnp.asarray(z_padded), (jnp.asarray(padded[..., :16]), jnp.asarray(padded[..., 16:])),
+      jnp.asarray(mb), jnp.asarray(w1), jnp.asarray(w2), jnp.asarray(x + b2),
+      interpret=True, group=group)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

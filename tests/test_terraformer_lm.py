@@ -308,43 +308,57 @@ def test_fused_sparse_qkv_step_declines_without_the_decoding_form(monkeypatch):
   assert not calls
 
 
-@pytest.mark.parametrize('mix', ['ff', 'all'])
+@pytest.mark.parametrize('mix,d_ff,group,pieces', [
+    ('ff', 64, 1, (16,)),      # controller width 8, padded to 16
+    ('all', 64, 1, (16,)),
+    ('ff', 384, 2, (32, 16)),  # width 48 in two pieces; 48 blocks, 2 a program
+])
 def test_fused_sparse_ff_decoding_gives_eval_logits_and_the_same_samples(
-    mix, monkeypatch):
+    mix, d_ff, group, pieces, monkeypatch):
   """With the fused decoding blocks and sparse_ff.FUSED_DECODING_GPU on (run
   here on a CPU, Pallas interpreted) the Sampler hands each SparseFF its
-  fused form (controller padded and transposed); one-row steps then run the
-  per-block kernel, the logits equal eval mode's token by token (the
-  prompt's rows through the plain form), and the samples equal those of a
-  Sampler without the fusion."""
-  eval_model = _eval_model(mix, batch=1, length=10)
+  fused form (controller transposed, m2 in power-of-2 pieces of its width);
+  one-row steps then run the per-block kernel, `group` blocks a program, the
+  logits equal eval mode's token by token (the prompt's rows through the
+  plain form), and the samples equal those of a Sampler without the fusion."""
+  cfg = {**CFG, **MIXES[mix], 'd_ff': d_ff}
+  eval_model = models.TerraformerLM(mode='eval', **cfg)
+  eval_model.init(shapes.ShapeDtype((1, 10), np.int32), rng=jax.random.PRNGKey(3))
   weights = _vectors_randomized(eval_model)
-  reference = sampling.Sampler(models.TerraformerLM(mode='predict', **CFG, **MIXES[mix]))
+  reference = sampling.Sampler(models.TerraformerLM(mode='predict', **cfg))
   samples = _samples(reference, weights)
   assert not any(f._fused_form for f in _find(reference._model, sparse_ff.SparseFF))
 
   _fusion_on(monkeypatch)
+  monkeypatch.setattr(sparse_ff, 'UNIT_BLOCKS_PER_PROGRAM', group)
   calls = []
   real = sparse_ff._chosen_units
   monkeypatch.setattr(sparse_ff, '_chosen_units',
-                      lambda *a: calls.append(a[3].shape) or real(*a))
-  model = models.TerraformerLM(mode='predict', **CFG, **MIXES[mix])
+                      lambda *a: calls.append([p.shape for p in a[3]]) or real(*a))
+  model = models.TerraformerLM(mode='predict', **cfg)
   sampler = sampling.Sampler(model)
   ffs = _find(model, sparse_ff.SparseFF)
   assert len(ffs) == CFG['n_layers'] and all(f._fused_form for f in ffs)
   prepared = sampler._decoding_weights(weights)
-  d1, n, lowrank = 8, 8, 8  # d_ff 64 in blocks of 8; controller width 8 -> 16
+  n = 8
+  d1 = lowrank = d_ff // n
+  width = sum(pieces)
   for f in ffs:
     path = next(p for p, _ in sampler._forms if sampling.subtree_at(
         model.weights, p) is f.weights)
     plain, form = sampling.subtree_at(weights, path), sampling.subtree_at(prepared, path)
-    assert form[0].shape == (16, CFG['d_model']) and form[1].shape == (d1, n, 16)
+    assert form[0].shape == (width, CFG['d_model'])
+    assert [p.shape for p in form[1]] == [(d1, n, w) for w in pieces]
     np.testing.assert_array_equal(form[0][:lowrank], np.asarray(plain[0]).T)
-    assert not np.asarray(form[0][lowrank:]).any() and not np.asarray(form[1][..., lowrank:]).any()
+    m2 = np.concatenate(form[1], axis=-1)
+    np.testing.assert_array_equal(m2[..., :lowrank],
+                                  np.transpose(np.asarray(plain[1]), (1, 2, 0)))
+    assert not np.asarray(form[0][lowrank:]).any() and not m2[..., lowrank:].any()
 
   ids = np.random.RandomState(0).randint(0, CFG['vocab_size'], (1, 10)).astype(np.int32)
   got = _stepped_logits(model, prepared, sampler._initial_state, ids, 4)
-  assert calls == [(d1, n, 16)] * CFG['n_layers']  # traced once, one-row steps
+  # traced once, one-row steps
+  assert calls == [[(d1, n, w) for w in pieces]] * CFG['n_layers']
   np.testing.assert_allclose(got, np.asarray(eval_model(ids)), atol=1e-5, rtol=1e-5)
   for got_sample, sample in zip(_samples(sampler, weights), samples):
     np.testing.assert_array_equal(got_sample, sample)
