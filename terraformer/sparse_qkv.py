@@ -79,6 +79,10 @@ PREDICT_AS_MATMUL = None
 # its next block before this one's arithmetic (s30; landed with SparseFF's
 # atomic form): 0.833-0.862 against 0.864-0.916 in three pairs of runs.
 FUSED_DECODING_GPU = True
+# Triton warps a program of those three kernels (`_factored_parts`, then
+# `_conv_attend`'s convolution and attention); timed with 4 (s27-s30).
+# bench/sparse_qkv_kernel.py times other numbers.
+KERNEL_WARPS = {'factored': 4, 'conv': 4, 'attend': 4}
 
 
 def _check_positive_int(name, value):
@@ -686,7 +690,7 @@ def _factored_parts(x, norm, gating, projection, interpret, block=64):
                 pl.BlockSpec((block, d_module), lambda s, k: (k, 0))],
       out_specs=pl.BlockSpec((1, 1, d_module), lambda s, k: (k, s, 0)),
       interpret=interpret,
-      **gemv_lib.compiler_params(interpret, 4),
+      **gemv_lib.compiler_params(interpret, KERNEL_WARPS['factored']),
   )(x.reshape(d_in), scale.reshape(d_in), shift.reshape(d_in), gating,
     projection)
 
@@ -781,7 +785,7 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
                               lambda t, j, h: (t, j, h, 0)),
                  whole((1,)), whole((1,))),
       interpret=interpret,
-      **gemv_lib.compiler_params(interpret, 4),
+      **gemv_lib.compiler_params(interpret, KERNEL_WARPS['conv']),
   )(count, pos, parts, m_bias, ring, kernel)
 
   block_len = decode_attention.default_tiling(max_len)[0]
@@ -835,7 +839,7 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
                  cache, cache, whole((1,)), whole((1,))),
       input_output_aliases={7: 1, 8: 2, 9: 3},
       interpret=interpret,
-      **gemv_lib.compiler_params(interpret, 4),
+      **gemv_lib.compiler_params(interpret, KERNEL_WARPS['attend']),
   )(count, pos, x.reshape(d_model),
     products, bias, parts, m_bias, ring, k_cache, v_cache)
   return out, ring, k_cache, v_cache, count.reshape(()), pos.reshape(())
