@@ -196,11 +196,10 @@ def build_ours(kwargs, dtype=None):
     model_lib.ONE_QUERY_GPU = FLAGS.one_query_gpu
   if FLAGS.fused_decoding_gpu is not None:
     model_lib.FUSED_DECODING_GPU = FLAGS.fused_decoding_gpu
+  from terraformer import sparse_ff  # pylint: disable=g-import-not-at-top
   if FLAGS.fused_sparse_ff_gpu is not None:
-    from terraformer import sparse_ff  # pylint: disable=g-import-not-at-top
     sparse_ff.FUSED_DECODING_GPU = FLAGS.fused_sparse_ff_gpu
   if FLAGS.sparse_ff_blocks_per_program is not None:
-    from terraformer import sparse_ff  # pylint: disable=g-import-not-at-top
     sparse_ff.UNIT_BLOCKS_PER_PROGRAM = FLAGS.sparse_ff_blocks_per_program
   if FLAGS.fused_sparse_qkv_gpu is not None:
     from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top

@@ -12,7 +12,6 @@ Each iteration decodes one more position.  Prints microseconds per layer.
 """
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import timing  # pylint: disable=g-import-not-at-top
 from terraformer import sparse_qkv
 
 FLAGS = flags.FLAGS
@@ -83,12 +83,8 @@ def main(argv):
       return jax.lax.fori_loop(
           0, FLAGS.iters, lambda i, c: step(c[0], weights, c[1]), (x, states))
 
-    jax.block_until_ready(loop(x, weights, list(states)))  # compiles
-    best = float('inf')
-    for _ in range(FLAGS.repeats):
-      t = time.perf_counter()
-      jax.block_until_ready(loop(x, weights, list(states)))
-      best = min(best, time.perf_counter() - t)
+    best, _ = timing.best_time(loop, x, weights, list(states),
+                               repeats=FLAGS.repeats)
     print(f'| {setting} | {best / FLAGS.iters / FLAGS.layers * 1e6:.2f} |',
           flush=True)
 

@@ -36,6 +36,7 @@ shape, not in behaviour:
     for exactly one row in `BlockSparseFF`.)
 """
 
+import itertools
 import math
 
 import jax
@@ -257,9 +258,8 @@ class SparseFF(base.Layer):
     pad = sum(pieces) - self._d_lowrank
     m1_t = jnp.pad(m1.T, ((0, pad), (0, 0)))
     m2_f = jnp.pad(jnp.transpose(m2, (1, 2, 0)), ((0, 0), (0, 0), (0, pad)))
-    starts = [sum(pieces[:i]) for i in range(len(pieces))]
-    parts = tuple(m2_f[..., a:a + w] for a, w in zip(starts, pieces))
-    return (m1_t, parts, mb, w1, w2, b2)
+    ends = list(itertools.accumulate(pieces))
+    return (m1_t, tuple(jnp.split(m2_f, ends[:-1], axis=-1)), mb, w1, w2, b2)
 
   def _controller_weights(self):
     """(m1, m2, mb) as trax lays them out, from either form."""
@@ -477,7 +477,7 @@ def _chosen_units(x, norm, z, m2_parts, mb, w1, w2, start, interpret,
   d1, n, _ = m2_parts[0].shape
   d_model = x.shape[-1]
   widths = [p.shape[-1] for p in m2_parts]
-  starts = [sum(widths[:i]) for i in range(len(widths))]
+  starts = list(itertools.accumulate(widths[:-1], initial=0))
   group = group or UNIT_BLOCKS_PER_PROGRAM
   group = max(g for g in range(1, min(group, d1) + 1) if d1 % g == 0)
 

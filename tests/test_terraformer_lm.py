@@ -23,8 +23,8 @@ MIXES = {
 }
 
 
-def _eval_model(mix, batch=2, length=10):
-  model = models.TerraformerLM(mode='eval', **CFG, **MIXES[mix])
+def _eval_model(mix, batch=2, length=10, **overrides):
+  model = models.TerraformerLM(mode='eval', **{**CFG, **MIXES[mix], **overrides})
   model.init(shapes.ShapeDtype((batch, length), np.int32), rng=jax.random.PRNGKey(3))
   return model
 
@@ -322,8 +322,7 @@ def test_fused_sparse_ff_decoding_gives_eval_logits_and_the_same_samples(
   logits equal eval mode's token by token (the prompt's rows through the
   plain form), and the samples equal those of a Sampler without the fusion."""
   cfg = {**CFG, **MIXES[mix], 'd_ff': d_ff}
-  eval_model = models.TerraformerLM(mode='eval', **cfg)
-  eval_model.init(shapes.ShapeDtype((1, 10), np.int32), rng=jax.random.PRNGKey(3))
+  eval_model = _eval_model(mix, batch=1, length=10, d_ff=d_ff)
   weights = _vectors_randomized(eval_model)
   reference = sampling.Sampler(models.TerraformerLM(mode='predict', **cfg))
   samples = _samples(reference, weights)
