@@ -89,7 +89,6 @@ flags.DEFINE_bool('decoding_forms', True, 'Hand layers that offer one their weig
 flags.DEFINE_bool('fused_decoding_gpu', None, 'Off a CPU, run the dense decoder\'s pre-norm blocks as fused products (training.model.FUSED_DECODING_GPU; default: its value).')
 flags.DEFINE_bool('fused_sparse_ff_gpu', None, 'Off a CPU, with the fused blocks, run SparseFF\'s decoding step as its per-block kernel (terraformer.sparse_ff.FUSED_DECODING_GPU; default: its value).')
 flags.DEFINE_bool('fused_sparse_qkv_gpu', None, 'Off a CPU, with the fused blocks, run the sparse-QKV attention\'s decoding step as its three kernels (terraformer.sparse_qkv.FUSED_DECODING_GPU; default: its value).')
-flags.DEFINE_integer('sparse_ff_blocks_per_program', None, 'Off a CPU, blocks of N units per program of SparseFF\'s fused per-block kernel (terraformer.sparse_ff.UNIT_BLOCKS_PER_PROGRAM; default: its value).')
 flags.DEFINE_bool('gpu_kernels_out_in', True, 'Off a CPU, hand Dense layers their kernels transposed too (training.sampling.GPU_KERNELS_OUT_IN).')
 flags.DEFINE_string('one_row_gpu', '',
                     'Overrides of training.model.ONE_ROW_GPU_FORMS, e.g. '
@@ -199,8 +198,6 @@ def build_ours(kwargs, dtype=None):
   from terraformer import sparse_ff  # pylint: disable=g-import-not-at-top
   if FLAGS.fused_sparse_ff_gpu is not None:
     sparse_ff.FUSED_DECODING_GPU = FLAGS.fused_sparse_ff_gpu
-  if FLAGS.sparse_ff_blocks_per_program is not None:
-    sparse_ff.UNIT_BLOCKS_PER_PROGRAM = FLAGS.sparse_ff_blocks_per_program
   if FLAGS.fused_sparse_qkv_gpu is not None:
     from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
     sparse_qkv.FUSED_DECODING_GPU = FLAGS.fused_sparse_qkv_gpu

@@ -5,12 +5,10 @@ N 64, controller width 96; random weights, more bytes than the L2 holds),
 each row feeding the next, run as `terraformer.sparse_ff`'s controller
 kernel then its per-block kernel, timed in an on-device loop, for each
 layout of m2 (`--widths`: the controller's width padded to 128 as one piece,
-or as pieces 64 + 32) and each number of blocks per program (`--groups`)
-and warps (`--warps`).  Prints microseconds per layer.
+or as pieces 64 + 32) and warps (`--warps`).  Prints microseconds per layer.
 
     python bench/sparse_ff_kernel.py            # on the GPU machine
 """
-import itertools
 import os
 import sys
 
@@ -29,7 +27,6 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer('iters', 50, 'loop iterations per timing.')
 flags.DEFINE_integer('layers', 24, 'SparseFF layers in the chain.')
 flags.DEFINE_list('widths', ['128', '64+32'], 'm2 layouts: piece widths.')
-flags.DEFINE_list('groups', ['1', '2', '3', '4', '6'], 'blocks per program.')
 flags.DEFINE_list('warps', ['4', '8'], 'num_warps of the per-block kernel.')
 flags.DEFINE_bool('interpret', False, 'run the kernels interpreted (a CPU check).')
 
@@ -54,26 +51,25 @@ def main(argv):
   rng = np.random.RandomState(0)
   print(f'{jax.devices()[0].device_kind}; {FLAGS.layers} layers, '
         f'{FLAGS.iters} iterations a timing')
-  print('| m2 pieces | blocks a program | warps | us per layer |')
-  print('|---|---|---|---|')
+  print('| m2 pieces | warps | us per layer |')
+  print('|---|---|---|')
   for widths in FLAGS.widths:
     pieces = tuple(int(w) for w in widths.split('+'))
     weights = [layer_weights(rng, pieces) for _ in range(FLAGS.layers)]
-    for group, warps in itertools.product(FLAGS.groups, FLAGS.warps):
-      group, warps = int(group), int(warps)
+    for warps in map(int, FLAGS.warps):
 
-      def step(x, ws, group=group, warps=warps):
+      def step(x, ws, warps=warps):
         for (scale, shift), m1_t, parts, mb, w1, w2, b2 in ws:
           norm = (scale, shift, 1e-6)
           z, start = sparse_ff._controller(x, norm, m1_t, b2, FLAGS.interpret)
           x = sparse_ff._chosen_units(x, norm, z, parts, mb, w1, w2, start,
-                                      FLAGS.interpret, group=group,
+                                      FLAGS.interpret,
                                       num_warps=warps) * 0.5
         return x
 
       x = jnp.asarray(rng.normal(size=(D_MODEL,)), jnp.float32)
       seconds, _ = timing.loop_time(step, x, weights, FLAGS.iters)
-      print(f'| {widths} | {group} | {warps} | '
+      print(f'| {widths} | {warps} | '
             f'{seconds / FLAGS.layers * 1e6:.2f} |', flush=True)
 
 

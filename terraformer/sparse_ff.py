@@ -73,12 +73,6 @@ MODES = ('train', 'eval', 'predict')
 # form (bench/sparse_ff_kernel.py, one H100), and in one pair of runs sparse
 # FF decoded at 0.498 ms/token against 0.547, FF+QKV at 0.455 against 0.548.
 FUSED_DECODING_GPU = True
-# Blocks of N units per program of `_chosen_units` (lowered to a divisor of
-# the number of blocks): each program sums its blocks' rows before one
-# atomic addition, so fewer programs contend for the output's addresses.
-# One is fastest: 8.95, 10.34, 11.83 and 12.63 us a layer for 1-4 blocks a
-# program (8 warps; bench/sparse_ff_kernel.py on one H100, s31).
-UNIT_BLOCKS_PER_PROGRAM = 1
 
 # Key that trax's `ReversibleHalfResidual.reverse_and_grad` looks for in a
 # layer state `(saved, {'running_second_time': ()})`; it hands the layer
@@ -456,66 +450,60 @@ def _controller(x, norm, m1_t, b2, interpret):
 
 
 def _chosen_units(x, norm, z, m2_parts, mb, w1, w2, start, interpret,
-                  group=None, num_warps=8):
-  """`SparseFF`'s output plus x for one row, `group` blocks of N per program.
+                  num_warps=8):
+  """`SparseFF`'s output plus x for one row, a program per block of N.
 
   x: the row before its LayerNorm, norm = (scale, shift, epsilon); z: the
   controller's low-rank vector LayerNorm(x) @ m1 (P,); m2_parts: m2 as
   (d1, N, L) split along L into pieces (`SparseFF._lowrank_pieces`) whose
   widths sum to P; mb (d1, N), w1 and w2 (d1, N, d_model); start: x + b2
-  (d_model,) float32, from `_controller`.  For each of its blocks j a
-  program computes the logits z @ m2[j] + mb[j], picks the first of their
-  maxima k and takes relu(LayerNorm(x) . w1[j, k]) * w2[j, k]; it adds the
-  sum over its blocks into start (aliased in and out) by atomic additions,
-  so no kernel follows: (d_model,) float32.  The order of the additions
-  varies from run to run, so the output's last bits can.  group: blocks per
-  program (default UNIT_BLOCKS_PER_PROGRAM, lowered to a divisor of d1);
-  num_warps: Triton's, per program (8: 8.95 us a layer against 10.80 with
-  4 at the 800M shape on an H100, s31).
+  (d_model,) float32, from `_controller`.  For its block j a program
+  computes the logits z @ m2[j] + mb[j], picks the first of their maxima k
+  and adds relu(LayerNorm(x) . w1[j, k]) * w2[j, k] into start (aliased in
+  and out) by an atomic addition, so no kernel follows: (d_model,)
+  float32.  The order of the additions varies from run to run, so the
+  output's last bits can.  num_warps: Triton's, per program (8: 8.95 us a
+  layer against 10.80 with 4 at the 800M shape on an H100, s31).  Summing
+  several blocks in a program before one addition was slower at every
+  setting (10.34, 11.83 and 12.63 us a layer for 2-4 blocks, s31).
   """
   scale, shift, epsilon = norm
   d1, n, _ = m2_parts[0].shape
   d_model = x.shape[-1]
   widths = [p.shape[-1] for p in m2_parts]
   starts = list(itertools.accumulate(widths[:-1], initial=0))
-  group = group or UNIT_BLOCKS_PER_PROGRAM
-  group = max(g for g in range(1, min(group, d1) + 1) if d1 % g == 0)
 
   def kernel(x_ref, s_ref, t_ref, z_ref, mb_ref, w1_ref, w2_ref, start_ref,
              *refs):
     del start_ref  # aliased to o_ref
     *m2_refs, o_ref = refs
-    # Each load as soon as its address is known: the controller's blocks
-    # first, then both rows of each chosen unit.
-    m2 = [[r[g].astype(jnp.float32) for r in m2_refs] for g in range(group)]
+    # Each load as soon as its address is known: the controller's block
+    # first, then both rows of the chosen unit.
+    m2 = [r[0].astype(jnp.float32) for r in m2_refs]
     zz = [z_ref[pl.ds(a, w)].astype(jnp.float32)
           for a, w in zip(starts, widths)]
-    mbb = [mb_ref[g].astype(jnp.float32) for g in range(group)]
+    logits = mb_ref[0].astype(jnp.float32)
     xn = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(
         pl.ds(0, d_model))
+    for m, zp in zip(m2, zz):
+      logits = logits + jnp.sum(m * zp[None, :], axis=1)
     iota = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
-    total = None
-    for g in range(group):
-      logits = mbb[g]
-      for m, zp in zip(m2[g], zz):
-        logits = logits + jnp.sum(m * zp[None, :], axis=1)
-      k = jnp.min(jnp.where(logits == jnp.max(logits), iota, n))
-      w1_row = w1_ref[g, pl.ds(k, 1), :].astype(jnp.float32)
-      w2_row = w2_ref[g, pl.ds(k, 1), :].astype(jnp.float32)
-      h = jnp.maximum(jnp.sum(w1_row * xn[None, :]), 0.0)
-      total = h * w2_row if total is None else total + h * w2_row
-    gemv_lib.pl_triton.atomic_add(o_ref, pl.ds(0, d_model), total[0])
+    k = jnp.min(jnp.where(logits == jnp.max(logits), iota, n))
+    w1_row = w1_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
+    w2_row = w2_ref[0, pl.ds(k, 1), :].astype(jnp.float32)
+    h = jnp.maximum(jnp.sum(w1_row * xn[None, :]), 0.0)
+    gemv_lib.pl_triton.atomic_add(o_ref, pl.ds(0, d_model), (h * w2_row)[0])
 
   whole = lambda size: gemv_lib.whole_block((size,))
-  rows = pl.BlockSpec((group, n, d_model), lambda j: (j, 0, 0))
+  rows = pl.BlockSpec((1, n, d_model), lambda j: (j, 0, 0))
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((d_model,), jnp.float32),
-      grid=(d1 // group,),
+      grid=(d1,),
       in_specs=[whole(d_model), whole(d_model), whole(d_model),
-                whole(z.size), pl.BlockSpec((group, n), lambda j: (j, 0)),
+                whole(z.size), pl.BlockSpec((1, n), lambda j: (j, 0)),
                 rows, rows, whole(d_model)]
-               + [pl.BlockSpec((group, n, w), lambda j: (j, 0, 0))
+               + [pl.BlockSpec((1, n, w), lambda j: (j, 0, 0))
                   for w in widths],
       out_specs=whole(d_model),
       input_output_aliases={7: 0},

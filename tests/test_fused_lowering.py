@@ -64,9 +64,7 @@ def test_sparse_blocks_lower_with_factored_dense_in_parts(monkeypatch):
                        ff_sparsity=8) == 5
 
 
-@pytest.mark.parametrize('group', [1, 2])
-def test_sparse_ff_kernel_lowers_with_its_controller_in_pieces(group, monkeypatch):
+def test_sparse_ff_kernel_lowers_with_its_controller_in_pieces(monkeypatch):
   """d_ff 384 in blocks of 8: the controller's width 48 is read as pieces
-  of 32 and 16 (no padding), `group` blocks a program."""
-  monkeypatch.setattr(sparse_ff, 'UNIT_BLOCKS_PER_PROGRAM', group)
+  of 32 and 16 (no padding)."""
   assert _triton_calls(monkeypatch, 64, 4, d_ff=384, ff_sparsity=8) == 5

@@ -308,17 +308,17 @@ def test_fused_sparse_qkv_step_declines_without_the_decoding_form(monkeypatch):
   assert not calls
 
 
-@pytest.mark.parametrize('mix,d_ff,group,pieces', [
-    ('ff', 64, 1, (16,)),      # controller width 8, padded to 16
-    ('all', 64, 1, (16,)),
-    ('ff', 384, 2, (32, 16)),  # width 48 in two pieces; 48 blocks, 2 a program
+@pytest.mark.parametrize('mix,d_ff,pieces', [
+    ('ff', 64, (16,)),      # controller width 8, padded to 16
+    ('all', 64, (16,)),
+    ('ff', 384, (32, 16)),  # width 48 in two pieces
 ])
 def test_fused_sparse_ff_decoding_gives_eval_logits_and_the_same_samples(
-    mix, d_ff, group, pieces, monkeypatch):
+    mix, d_ff, pieces, monkeypatch):
   """With the fused decoding blocks and sparse_ff.FUSED_DECODING_GPU on (run
   here on a CPU, Pallas interpreted) the Sampler hands each SparseFF its
   fused form (controller transposed, m2 in power-of-2 pieces of its width);
-  one-row steps then run the per-block kernel, `group` blocks a program, the
+  one-row steps then run the per-block kernel, the
   logits equal eval mode's token by token (the prompt's rows through the
   plain form), and the samples equal those of a Sampler without the fusion."""
   cfg = {**CFG, **MIXES[mix], 'd_ff': d_ff}
@@ -329,7 +329,6 @@ def test_fused_sparse_ff_decoding_gives_eval_logits_and_the_same_samples(
   assert not any(f._fused_form for f in _find(reference._model, sparse_ff.SparseFF))
 
   _fusion_on(monkeypatch)
-  monkeypatch.setattr(sparse_ff, 'UNIT_BLOCKS_PER_PROGRAM', group)
   calls = []
   real = sparse_ff._chosen_units
   monkeypatch.setattr(sparse_ff, '_chosen_units',
