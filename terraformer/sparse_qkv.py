@@ -640,26 +640,24 @@ class _SparseQKVAttention(tl.Serial):
     self._d_module = factored._d_out // self._n_modules  # pylint: disable=protected-access
 
   def use_decoding_form(self):
-    """ConvQKV's decoding form (its kernels side by side), plus `_fold`'s
-    weights after them where the fused step will run folded (FOLD_CONV);
-    None in other modes (see training.sampling.decoding_forms)."""
-    conv_form = self._conv_qkv.use_decoding_form()
-    if conv_form is None:
+    """Where the fused step will run folded (FOLD_CONV): ConvQKV's decoding
+    form (its kernels side by side) with `_fold`'s weights after them.
+    Otherwise None, and ConvQKV offers its own form (predict mode) or none
+    (see training.sampling.decoding_forms)."""
+    if not (FOLD_CONV and self._fusable and model_lib.fused_decoding_here()
+            and min(self._n_modules, self._d_module) >= 16):
       return None
+    conv_form = self._conv_qkv.use_decoding_form()
     at = self.sublayers.index(self._conv_qkv)
     factored_at = _path_to(self, self._factored)
-    fold = (FOLD_CONV and self._fusable and model_lib.fused_decoding_here()
-            and min(self._n_modules, self._d_module) >= 16)
 
     def form(weights):
       weights = list(weights)
       weights[at] = conv_form(weights[at])
-      if fold:
-        _, projection, m_bias = functools.reduce(
-            lambda w, i: w[i], factored_at, weights)
-        (kernel, bias), *rest = weights[at]
-        weights[at] = ((kernel, bias) + _fold(projection, m_bias, kernel),
-                       *rest)
+      _, projection, m_bias = functools.reduce(
+          lambda w, i: w[i], factored_at, weights)
+      (kernel, bias), *rest = weights[at]
+      weights[at] = ((kernel, bias) + _fold(projection, m_bias, kernel), *rest)
       return tuple(weights)
     return form
 
