@@ -13,6 +13,7 @@ per layer.
 
     python bench/sparse_qkv_kernel.py            # on the GPU machine
 """
+import functools
 import os
 import sys
 
@@ -86,6 +87,16 @@ def main(argv):
   print(f'{jax.devices()[0].device_kind}; {FLAGS.layers} layers, '
         f'{FLAGS.iters} positions a timing from {FLAGS.start}')
   folded_weights = [w + sparse_qkv._fold(w[3], w[4], w[5]) for w in weights]
+  if 'folded' in FLAGS.forms:  # the two forms' outputs for one position
+    three = jax.jit(step)(x, weights, list(states))
+    for b in FLAGS.folded_blocks:
+      folded = jax.jit(functools.partial(step, block=int(b)))(
+          x, folded_weights, list(states))
+      diff = jax.tree_util.tree_map(
+          lambda a, c: float(jnp.max(jnp.abs(a - c))), folded, three)
+      print(f'folded, {b} a program, against three kernels: max |difference| '
+            f'{max(jax.tree_util.tree_leaves(diff)):.2e} over the output and '
+            f'every state (output std {float(jnp.std(three[0])):.3f})')
   print('| form | warps (factored/conv/attend) | us per layer |')
   print('|---|---|---|')
   settings = [('three', w, None) for w in FLAGS.warps if 'three' in FLAGS.forms]
