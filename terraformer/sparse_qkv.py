@@ -758,22 +758,17 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
   First one program per tap (kernel row and column), Q/K/V part and module h
   multiplies its input row (module h + column - 1 of this position, summed
   from its parts, or of a remembered one) by that tap's (d_module,
-  d_module) block.  Then program h (head h = module h) sums its taps into
-  its q, k and v, writes k and v into the caches at `pos` and m[h] into the
-  ring at count % n_past (all aliased in and out), attends over positions
-  0 .. pos and adds x's slice; it also writes count + 1 and pos + 1 (from
-  the copies the first kernel passes on, so XLA can write them in place),
-  so no other kernel runs for the step.  (One program per head doing it
-  all read every tap's block in turn: 21 us per layer on an H100 in s26.)
-  Returns (out (heads, d_head) float32, ring, k_cache, v_cache, count + 1,
-  pos + 1).
+  d_module) block.  Then `_attend`: program h (head h = module h) sums its
+  taps into its q, k and v, updates the caches, the ring and the counters
+  and attends, so no other kernel runs for the step.  (One program per head
+  doing it all read every tap's block in turn: 21 us per layer on an H100
+  in s26.)  Returns (out (heads, d_head) float32, ring, k_cache, v_cache,
+  count + 1, pos + 1).
   """
   n_modules, d_module = parts.shape[1:]
   n_len, width = kernel.shape[:2]
   n_qkv = kernel.shape[-1] // d_module
   n_past = ring.shape[1]
-  heads, max_len, d_head = k_cache.shape
-  d_model = heads * d_head
   half = (width - 1) // 2
   taps = n_len * width
   count, pos = count.reshape(1), pos.reshape(1)
