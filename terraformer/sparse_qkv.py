@@ -91,8 +91,12 @@ KERNEL_WARPS = {'factored': 4, 'conv': 4, 'attend': 4}
 # once (`_fold`: 2.3 MB more weights per layer at the 800M shape) and the
 # first kernel writes those taps' products directly, with the remembered
 # positions' taps, leaving no m to sum between kernels.  Needs 16 or more
-# modules of 16 or more (Triton's dot).
-FOLD_CONV = True
+# modules of 16 or more (Triton's dot).  Off: written in s32 when no device
+# time was left, so not yet timed on a GPU (`python bench/sparse_qkv_kernel.py`
+# times both forms and prints their difference; whole models:
+# `python bench/decode_speed.py --fold_conv`); it equals eval mode
+# interpreted on a CPU and lowers to Triton (tests).
+FOLD_CONV = False
 
 
 def _check_positive_int(name, value):
