@@ -828,10 +828,11 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
   )(count, pos, parts, m_bias, ring, kernel)
 
   def sums(h, acc, p_ref, pp_ref, mb_ref):
+    m = _module_row(pp_ref, mb_ref, h, d_module)
     for j in range(n_qkv):
       for t in range(taps):
         acc[j] = acc[j] + p_ref[t, j, pl.ds(h, 1), :][0]
-    return _module_row(pp_ref, mb_ref, h, d_module), acc
+    return m, acc
 
   return _attend(x, count, pos, bias, ring, k_cache, v_cache,
                  (products, parts, m_bias), sums, interpret)
@@ -862,12 +863,12 @@ def _attend(x, count, pos, bias, ring, k_cache, v_cache, sum_inputs, sums,
     *in_refs, o_ref, ro_ref, ko_ref, vo_ref, co_ref, po_ref = refs
     h = pl.program_id(0)
     last = pos_ref[0]
-    # Loads that wait on nothing first: the products, the ring's new row
-    # and the residual.
+    # Loads that wait on nothing first: the residual, the ring's new row
+    # and the products.
+    x_h = x_ref[pl.ds(h * d_head, d_head)].astype(jnp.float32)
     u = [b_ref[pl.ds(j * d_head, d_head)].astype(jnp.float32)
          for j in range(n_qkv)]
     m, u = sums(h, u, *in_refs)
-    x_h = x_ref[pl.ds(h * d_head, d_head)].astype(jnp.float32)
     q, v = u[0], u[-1]
     k = u[1] if n_qkv == 3 else q
     n = jnp.clip((last - 1) // block_len + 1, 0, max_len // block_len)

@@ -1,4 +1,5 @@
 """TerraformerLM: every mix of sparse FF / QKV / loss decodes like eval mode and trains."""
+import collections
 import functools
 
 import jax
@@ -434,14 +435,13 @@ def test_folded_sparse_qkv_decoding_gives_eval_logits_and_the_same_samples(
   want = np.asarray(eval_model(ids))
 
   _fusion_on(monkeypatch)
+  real = {name: getattr(sparse_qkv, name) for name in ('_folded_step', '_conv_attend')}
   for fold in (True, False):
     monkeypatch.setattr(sparse_qkv, 'FOLD_CONV', fold)
-    calls = {'folded': 0, 'three': 0}
-    for name, key in (('_folded_step', 'folded'), ('_conv_attend', 'three')):
-      real = getattr(sparse_qkv, name)
-      monkeypatch.setattr(sparse_qkv, name,
-                          lambda *a, real=real, key=key: calls.__setitem__(
-                              key, calls[key] + 1) or real(*a))
+    calls = collections.Counter()
+    for name, f in real.items():
+      monkeypatch.setattr(sparse_qkv, name, lambda *a, name=name, f=f:
+                          calls.update([name]) or f(*a))
     model = models.TerraformerLM(mode='predict', **cfg)
     sampler = sampling.Sampler(model)
     prepared = sampler._decoding_weights(weights)
@@ -449,9 +449,8 @@ def test_folded_sparse_qkv_decoding_gives_eval_logits_and_the_same_samples(
       np.testing.assert_allclose(
           _stepped_logits(model, prepared, sampler._initial_state, ids, first),
           want, atol=2e-5, rtol=2e-5)
-    assert calls['folded' if fold else 'three'] and not calls['three' if fold else 'folded']
+    ran, not_run = ('_folded_step', '_conv_attend')[::1 if fold else -1]
+    assert calls[ran] and not calls[not_run]
     if fold:
       for got, sample in zip(_samples(sampler, weights), samples):
         np.testing.assert_array_equal(got, sample)
-    monkeypatch.undo()
-    _fusion_on(monkeypatch)
