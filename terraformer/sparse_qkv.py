@@ -666,8 +666,9 @@ class _SparseQKVAttention(tl.Serial):
     return form
 
   def fused_step(self, x, norm):
-    """x + this(LayerNorm(x)) for one row in three kernels; None where the
-    layer or the shapes do not fit (see FUSED_DECODING_GPU)."""
+    """x + this(LayerNorm(x)) for one row in three kernels (two where the
+    decoding form holds `_fold`'s weights, FOLD_CONV); None where the layer
+    or the shapes do not fit (see FUSED_DECODING_GPU)."""
     if not (FUSED_DECODING_GPU and self._fusable
             and math.prod(x.shape[:-1]) == 1):
       return None
