@@ -215,13 +215,6 @@ class SparseFF(base.Layer):
     self._kernel_scaling = kernel_scaling
     self._fused_form = False  # weights in the fused decoding form
 
-  def _lowrank_pieces(self):
-    """The controller's inner width as powers of 2 of at least 16 (largest
-    first; a rest below 16 padded to 16): 96 -> (64, 32), 8 -> (16,).  The
-    fused form stores m2 in these pieces, so no padding is read where the
-    width is a sum of such powers."""
-    return lowrank_pieces(self._d_lowrank)
-
   def use_decoding_form(self):
     """Switches a predict-mode layer decoding one row off the CPU, with
     FUSED_DECODING_GPU and training.model's fused blocks on, inside a block
@@ -237,18 +230,18 @@ class SparseFF(base.Layer):
             and gemv_lib.pl_triton is not None  # (its atomic addition)
             and self.state[0].shape[0] == 1 and gemv_lib.power_of_2(self._n)
             and gemv_lib.power_of_2(d_model)
-            and gemv_lib.fits_out_in(sum(self._lowrank_pieces()), d_model)):
+            and gemv_lib.fits_out_in(sum(lowrank_pieces(self._d_lowrank)), d_model)):
       return None
     self._fused_form = True
     return self.decoding_form
 
   def decoding_form(self, weights):
     """(m1, m2, mb, w1, w2, b2) -> (m1 transposed, (P, d_model); m2 as
-    (d1, N, L) split along L into `_lowrank_pieces()`, a tuple; mb, w1, w2,
+    (d1, N, L) split along L into `lowrank_pieces(L)`, a tuple; mb, w1, w2,
     b2 as they are), with P the pieces' sum (zero rows and columns where the
     last piece pads the controller's width)."""
     m1, m2, mb, w1, w2, b2 = weights
-    pieces = self._lowrank_pieces()
+    pieces = lowrank_pieces(self._d_lowrank)
     pad = sum(pieces) - self._d_lowrank
     m1_t = jnp.pad(m1.T, ((0, pad), (0, 0)))
     m2_f = jnp.pad(jnp.transpose(m2, (1, 2, 0)), ((0, 0), (0, 0), (0, pad)))
@@ -455,7 +448,7 @@ def _chosen_units(x, norm, z, m2_parts, mb, w1, w2, start, interpret,
 
   x: the row before its LayerNorm, norm = (scale, shift, epsilon); z: the
   controller's low-rank vector LayerNorm(x) @ m1 (P,); m2_parts: m2 as
-  (d1, N, L) split along L into pieces (`SparseFF._lowrank_pieces`) whose
+  (d1, N, L) split along L into pieces (`lowrank_pieces`) whose
   widths sum to P; mb (d1, N), w1 and w2 (d1, N, d_model); start: x + b2
   (d_model,) float32, from `_controller`.  For its block j a program
   computes the logits z @ m2[j] + mb[j], picks the first of their maxima k
@@ -516,7 +509,10 @@ def _chosen_units(x, norm, z, m2_parts, mb, w1, w2, start, interpret,
 
 def lowrank_pieces(width, smallest=16):
   """`width` as powers of 2 of at least `smallest`, largest first; a rest
-  below `smallest` becomes one more piece of `smallest` (padding)."""
+  below `smallest` becomes one more piece of `smallest` (padding): 96 ->
+  (64, 32), 8 -> (16,).  SparseFF's fused form stores m2 in the pieces of
+  the controller's width, so no padding is read where the width is a sum
+  of such powers."""
   pieces, rest = [], width
   while rest >= smallest:
     pieces.append(1 << (rest.bit_length() - 1))

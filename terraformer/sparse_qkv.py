@@ -32,7 +32,6 @@ is convolved over the length), and `output_layer_type='none'` (the default)
 applies no output projection at all.
 """
 
-import functools
 import math
 
 import jax
@@ -47,6 +46,7 @@ from trax.layers import initializers as init
 from training import decode_attention
 from training import gemv as gemv_lib
 from training import model as model_lib
+from training import sampling
 
 MODES = ('train', 'eval', 'predict')
 OUTPUT_LAYER_TYPES = ('none', 'mult', 'conv', 'multconv')
@@ -640,16 +640,16 @@ class _SparseQKVAttention(tl.Serial):
     )
     self._factored, self._conv_qkv, self._attention = factored, conv_qkv, attention
     self._fusable = fusable
-    self._n_modules = factored._n_modules  # pylint: disable=protected-access
-    self._d_module = factored._d_out // self._n_modules  # pylint: disable=protected-access
 
   def use_decoding_form(self):
     """Where the fused step will run folded (FOLD_CONV): ConvQKV's decoding
     form (its kernels side by side) with `_fold`'s weights after them.
     Otherwise None, and ConvQKV offers its own form (predict mode) or none
     (see training.sampling.decoding_forms)."""
+    n_modules = self._factored._n_modules  # pylint: disable=protected-access
+    d_module = self._factored._d_out // n_modules  # pylint: disable=protected-access
     if not (FOLD_CONV and self._fusable and model_lib.fused_decoding_here()
-            and min(self._n_modules, self._d_module) >= 16):
+            and min(n_modules, d_module) >= 16):
       return None
     conv_form = self._conv_qkv.use_decoding_form()
     at = self.sublayers.index(self._conv_qkv)
@@ -658,8 +658,7 @@ class _SparseQKVAttention(tl.Serial):
     def form(weights):
       weights = list(weights)
       weights[at] = conv_form(weights[at])
-      _, projection, m_bias = functools.reduce(
-          lambda w, i: w[i], factored_at, weights)
+      _, projection, m_bias = sampling.subtree_at(weights, factored_at)
       (kernel, bias), *rest = weights[at]
       weights[at] = ((kernel, bias) + _fold(projection, m_bias, kernel), *rest)
       return tuple(weights)
