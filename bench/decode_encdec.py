@@ -112,8 +112,8 @@ def time_ours(kwargs, inputs):
     return time.perf_counter() - t
 
   run(n0), run(n1)  # compile both lengths
-  t0, t1 = timing.median_times(run, (n0, n1), FLAGS.repeats)
-  per_token = (t1 - t0) / FLAGS.tokens
+  t0, _, dt = timing.paired_times(run, n0, n1, FLAGS.repeats)
+  per_token = dt / FLAGS.tokens
   return dict(params=trainer.count_params(weights), s_per_token=per_token,
               encode_s=t0 - n0 * per_token)
 

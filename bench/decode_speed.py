@@ -11,7 +11,8 @@ paper and trax's timing test do) and times
   ours: `terraformer.TerraformerLM` in predict mode through
         `training.sampling.Sampler` (the whole loop on the device); the
         per-token time is (T(warmup + tokens) - T(warmup)) / tokens, so the
-        prompt and the call overhead cancel;
+        prompt and the call overhead cancel (the median over --repeats
+        back-to-back pairs of the two calls);
   trax: trax 1.4.1's own `ConfigurableTransformerLM` with the same settings,
         decoded by `trax.supervised.decoding.autoregressive_sample_stream`
         (the time between consecutive tokens after `warmup` tokens).
@@ -66,7 +67,7 @@ flags.DEFINE_list('variants', ['dense', 'sparse_ff', 'sparse_qkv', 'sparse_ff_qk
 flags.DEFINE_list('impls', ['ours', 'trax'], 'ours and/or trax.')
 flags.DEFINE_integer('warmup', 4, 'tokens decoded before timing.')
 flags.DEFINE_integer('tokens', 12, 'tokens timed.')
-flags.DEFINE_integer('repeats', 3, 'timing repeats (ours; the median is kept).')
+flags.DEFINE_integer('repeats', 3, 'timing repeats (ours: pairs of calls; the median difference is kept).')
 flags.DEFINE_integer('rounds', 1, 'with both impls: time ours and trax '
                      'alternately this many times per model (each round '
                      'both, back to back) and report the median of the '
@@ -211,7 +212,7 @@ def build_ours(kwargs, dtype=None):
 
 def ours_timer(kwargs, dtype):
   """(facts about our model, measure, last): measure() times one round, in
-  seconds per token (the median of --repeats, see the module docstring),
+  seconds per token (the median of --repeats pairs, see the module docstring),
   and leaves that round's seconds per call in last['s_per_call']."""
   from training import trainer  # pylint: disable=g-import-not-at-top
   model, sampler, weights = build_ours(kwargs, dtype)
@@ -229,9 +230,9 @@ def ours_timer(kwargs, dtype):
   last = {}
 
   def measure():
-    t0, t1 = timing.median_times(run, (n0, n1), FLAGS.repeats)
+    _, t1, dt = timing.paired_times(run, n0, n1, FLAGS.repeats)
     last['s_per_call'] = t1 / n1
-    return (t1 - t0) / FLAGS.tokens
+    return dt / FLAGS.tokens
 
   facts = dict(params=params, weight_bytes=w_bytes, cache_bytes=c_bytes)
   return facts, measure, last

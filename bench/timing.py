@@ -29,10 +29,15 @@ def loop_time(step, x, consts, iters, repeats=3):
   return best / iters, np.asarray(out)
 
 
-def median_times(run, lengths, repeats):
-  """[median of `repeats` calls run(n) for n in lengths]; run(n) returns
-  the seconds one call took (e.g. decoding n tokens)."""
-  return [float(np.median([run(n) for _ in range(repeats)])) for n in lengths]
+def paired_times(run, n0, n1, repeats):
+  """(median of run(n0), median of run(n1), median of run(n1) - run(n0)):
+  `repeats` back-to-back pairs of calls; run(n) returns the seconds one call
+  took (e.g. decoding n tokens).  Differencing within a pair keeps a change
+  of the machine's speed between pairs out of the per-item time; the
+  difference of the two medians would not."""
+  pairs = np.array([(run(n0), run(n1)) for _ in range(repeats)])
+  return (float(np.median(pairs[:, 0])), float(np.median(pairs[:, 1])),
+          float(np.median(pairs[:, 1] - pairs[:, 0])))
 
 
 def stream_stamps(stream, n):

@@ -1,4 +1,5 @@
-"""The trace reader of bench/decode_profile.py, on traces written here."""
+"""The trace reader of bench/decode_profile.py, on traces written here, and
+bench/timing.py's paired timing."""
 
 import gzip
 import json
@@ -7,6 +8,7 @@ import os
 import pytest
 
 from bench import decode_profile
+from bench import timing
 
 
 def _write_trace(directory, events, name='host.trace.json.gz'):
@@ -53,3 +55,21 @@ def test_device_events_reads_a_bare_event_list_and_perfetto_name(tmp_path):
 def test_device_events_names_the_directory_without_a_trace(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     decode_profile.device_events(str(tmp_path))
+
+
+def test_paired_times_keeps_a_speed_change_between_pairs_out():
+  # run(n) takes (overhead + n * per_item) * slowdown; the machine slows
+  # 1.5x after the second call.  Paired, every difference is one speed's
+  # (8 fast, 12 slow); timing all the short calls first and then all the
+  # long ones would difference a fast median (12) from a slow one (30): 18,
+  # more than the slow machine's own 12.
+  slowdowns = iter([1, 1, 1.5, 1.5, 1.5, 1.5])
+  calls = []
+
+  def run(n):
+    calls.append(n)
+    return (10.0 + 0.5 * n) * next(slowdowns)
+
+  t0, t1, dt = timing.paired_times(run, 4, 20, repeats=3)
+  assert calls == [4, 20, 4, 20, 4, 20]
+  assert (t0, t1, dt) == (18.0, 30.0, 12.0)
