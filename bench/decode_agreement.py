@@ -56,8 +56,6 @@ def main(argv):
   dtype = None if FLAGS.dtype == 'float32' else jnp.bfloat16  # decode_speed's --dtype
   print(jax.devices()[0].device_kind, jax.__version__)
   model_lib.FUSED_ON_CPU = FLAGS.fused_on_cpu
-  if FLAGS.fold_conv is not None:  # (decode_speed's flag)
-    sparse_qkv.FOLD_CONV = FLAGS.fold_conv
   kwargs = decode_speed.model_kwargs(FLAGS.shape, FLAGS.variant)
   max_len = max(FLAGS.max_len, FLAGS.n_tokens + 8)
   eval_model = models.TerraformerLM(mode='eval', max_len=max_len, **kwargs)

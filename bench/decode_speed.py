@@ -90,7 +90,6 @@ flags.DEFINE_bool('decoding_forms', True, 'Hand layers that offer one their weig
 flags.DEFINE_bool('fused_decoding_gpu', None, 'Off a CPU, run the dense decoder\'s pre-norm blocks as fused products (training.model.FUSED_DECODING_GPU; default: its value).')
 flags.DEFINE_bool('fused_sparse_ff_gpu', None, 'Off a CPU, with the fused blocks, run SparseFF\'s decoding step as its per-block kernel (terraformer.sparse_ff.FUSED_DECODING_GPU; default: its value).')
 flags.DEFINE_bool('fused_sparse_qkv_gpu', None, 'Off a CPU, with the fused blocks, run the sparse-QKV attention\'s decoding step as its three kernels (terraformer.sparse_qkv.FUSED_DECODING_GPU; default: its value).')
-flags.DEFINE_bool('fold_conv', None, 'Off a CPU, with the fused blocks, run the sparse-QKV attention\'s decoding step folded into two kernels (terraformer.sparse_qkv.FOLD_CONV; default: its value).')
 flags.DEFINE_bool('gpu_kernels_out_in', True, 'Off a CPU, hand Dense layers their kernels transposed too (training.sampling.GPU_KERNELS_OUT_IN).')
 flags.DEFINE_string('one_row_gpu', '',
                     'Overrides of training.model.ONE_ROW_GPU_FORMS, e.g. '
@@ -200,11 +199,9 @@ def build_ours(kwargs, dtype=None):
   from terraformer import sparse_ff  # pylint: disable=g-import-not-at-top
   if FLAGS.fused_sparse_ff_gpu is not None:
     sparse_ff.FUSED_DECODING_GPU = FLAGS.fused_sparse_ff_gpu
-  from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
   if FLAGS.fused_sparse_qkv_gpu is not None:
+    from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
     sparse_qkv.FUSED_DECODING_GPU = FLAGS.fused_sparse_qkv_gpu
-  if FLAGS.fold_conv is not None:
-    sparse_qkv.FOLD_CONV = FLAGS.fold_conv
   sampler = sampling.Sampler(model, batch_size=FLAGS.batch, compute_dtype=dtype)
   weights = jax.device_put(trainer.cast_floats(model.weights, dtype))
   return model, sampler, weights

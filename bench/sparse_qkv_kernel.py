@@ -5,15 +5,11 @@ A chain of the 800M decoder's 24 sparse-QKV attention layers (d_model 1024,
 caches filled to `--start` positions), each row feeding the next, run as
 `terraformer.sparse_qkv`'s three kernels (`_factored_parts`, then
 `_conv_attend`'s convolution and attention) in an on-device loop, for each
-setting of their warps (`--warps`: factored/conv/attend, e.g. 4/4/4), and
-as the folded form's two kernels (`_folded_step`, FOLD_CONV; its first
-kernel's warps are the factored ones, `--folded_blocks`: inputs per
-program).  Each iteration decodes one more position.  Prints microseconds
-per layer.
+setting of their warps (`--warps`: factored/conv/attend, e.g. 4/4/4).
+Each iteration decodes one more position.  Prints microseconds per layer.
 
     python bench/sparse_qkv_kernel.py            # on the GPU machine
 """
-import functools
 import os
 import sys
 
@@ -36,8 +32,6 @@ flags.DEFINE_integer('start', 16, 'positions already in the caches.')
 flags.DEFINE_integer('max_len', 256, 'cache length.')
 flags.DEFINE_list('warps', ['4/4/4', '8/4/4', '4/8/4', '4/4/8', '8/8/8'],
                   'factored/conv/attend warps settings.')
-flags.DEFINE_list('forms', ['three', 'folded'], 'three and/or folded.')
-flags.DEFINE_list('folded_blocks', ['64', '128'], 'the folded form\'s inputs per program.')
 flags.DEFINE_bool('interpret', False, 'run the kernels interpreted (a CPU check).')
 
 D_MODEL, HEADS, N_PAST, WIDTH, N_QKV = 1024, 16, 2, 3, 3
@@ -57,23 +51,15 @@ def layer(rng):
   return weights, state
 
 
-def step(x, weights, states, block=None):
-  """One position through the chain: the three-kernel form, or the folded
-  one with `block` inputs per program."""
+def step(x, weights, states):
   new = []
-  for (scale, shift, gating, projection, m_bias, kernel, bias, *folded), (
+  for (scale, shift, gating, projection, m_bias, kernel, bias), (
       ring, count, k, v, pos) in zip(weights, states):
-    norm = (scale, shift, 1e-6)
-    if block:
-      out, ring, k, v, count, pos = sparse_qkv._folded_step(
-          x, norm, gating, *folded, m_bias, ring, count, kernel, bias, k, v,
-          pos, FLAGS.interpret, block=block)
-    else:
-      parts = sparse_qkv._factored_parts(x, norm, gating, projection,
-                                         FLAGS.interpret)
-      out, ring, k, v, count, pos = sparse_qkv._conv_attend(
-          x, parts, m_bias, ring, count, kernel, bias, k, v, pos,
-          FLAGS.interpret)
+    parts = sparse_qkv._factored_parts(x, (scale, shift, 1e-6), gating,
+                                       projection, FLAGS.interpret)
+    out, ring, k, v, count, pos = sparse_qkv._conv_attend(
+        x, parts, m_bias, ring, count, kernel, bias, k, v, pos,
+        FLAGS.interpret)
     x = out.reshape(D_MODEL) * 0.5
     new.append((ring, count, k, v, pos))
   return x, new
@@ -86,37 +72,21 @@ def main(argv):
   x = jnp.asarray(rng.normal(size=(D_MODEL,)), jnp.float32)
   print(f'{jax.devices()[0].device_kind}; {FLAGS.layers} layers, '
         f'{FLAGS.iters} positions a timing from {FLAGS.start}')
-  folded_weights = [w + sparse_qkv._fold(w[3], w[4], w[5]) for w in weights]
-  if 'folded' in FLAGS.forms:  # the two forms' outputs for one position
-    three = jax.jit(step)(x, weights, list(states))
-    for b in FLAGS.folded_blocks:
-      folded = jax.jit(functools.partial(step, block=int(b)))(
-          x, folded_weights, list(states))
-      diff = jax.tree_util.tree_map(
-          lambda a, c: float(jnp.max(jnp.abs(a - c))), folded, three)
-      print(f'folded, {b} a program, against three kernels: max |difference| '
-            f'{max(jax.tree_util.tree_leaves(diff)):.2e} over the output and '
-            f'every state (output std {float(jnp.std(three[0])):.3f})')
-  print('| form | warps (factored/conv/attend) | us per layer |')
-  print('|---|---|---|')
-  settings = [('three', w, None) for w in FLAGS.warps if 'three' in FLAGS.forms]
-  settings += [(f'folded, {b} a program', w, int(b)) for w in FLAGS.warps
-               for b in FLAGS.folded_blocks if 'folded' in FLAGS.forms]
-  for form, setting, block in settings:
+  print('| warps (factored/conv/attend) | us per layer |')
+  print('|---|---|')
+  for setting in FLAGS.warps:
     names = ('factored', 'conv', 'attend')
     sparse_qkv.KERNEL_WARPS = dict(zip(names, map(int, setting.split('/'))))
-    ws = folded_weights if block else weights
 
     @jax.jit
-    def loop(x, weights, states, block=block):
+    def loop(x, weights, states):
       return jax.lax.fori_loop(
-          0, FLAGS.iters, lambda i, c: step(c[0], weights, c[1], block),
-          (x, states))
+          0, FLAGS.iters, lambda i, c: step(c[0], weights, c[1]), (x, states))
 
-    best, _ = timing.best_time(loop, x, ws, list(states),
+    best, _ = timing.best_time(loop, x, weights, list(states),
                                repeats=FLAGS.repeats)
-    print(f'| {form} | {setting} | '
-          f'{best / FLAGS.iters / FLAGS.layers * 1e6:.2f} |', flush=True)
+    print(f'| {setting} | {best / FLAGS.iters / FLAGS.layers * 1e6:.2f} |',
+          flush=True)
 
 
 if __name__ == '__main__':

@@ -46,7 +46,6 @@ from trax.layers import initializers as init
 from training import decode_attention
 from training import gemv as gemv_lib
 from training import model as model_lib
-from training import sampling
 
 MODES = ('train', 'eval', 'predict')
 OUTPUT_LAYER_TYPES = ('none', 'mult', 'conv', 'multconv')
@@ -84,19 +83,6 @@ FUSED_DECODING_GPU = True
 # `_conv_attend`'s convolution and attention); timed with 4 (s27-s30).
 # bench/sparse_qkv_kernel.py times other numbers.
 KERNEL_WARPS = {'factored': 4, 'conv': 4, 'attend': 4}
-# With FUSED_DECODING_GPU, the fused step in two kernels instead of three
-# (`_folded_step`): the convolution is linear in the FactoredDense output m,
-# so the Sampler's decoding form (`_SparseQKVAttention.use_decoding_form`)
-# multiplies E and the bias by the kernel's taps at the current position
-# once (`_fold`: 2.3 MB more weights per layer at the 800M shape) and the
-# first kernel writes those taps' products directly, with the remembered
-# positions' taps, leaving no m to sum between kernels.  Needs 16 or more
-# modules of 16 or more (Triton's dot).  Off: written in s32 when no device
-# time was left, so not yet timed on a GPU (`python bench/sparse_qkv_kernel.py`
-# times both forms and prints their difference; whole models:
-# `python bench/decode_speed.py --fold_conv`); it equals eval mode
-# interpreted on a CPU and lowers to Triton (tests).
-FOLD_CONV = False
 
 
 def _check_positive_int(name, value):
@@ -537,7 +523,7 @@ def _convolve_together(convs, window, combined=None):
   (kernel, bias) already made."""
   if combined is None:
     combined = _side_by_side(convs, [c.weights for c in convs])
-  kernel, bias = combined[:2]  # (then _fold's weights, for the fused step)
+  kernel, bias = combined
   n_modules = convs[0].n_modules
   y = _convolve(window, kernel, bias, n_modules,
                 (convs[0].kernel_shape[0], kernel.shape[1]), predict=True)
@@ -641,33 +627,9 @@ class _SparseQKVAttention(tl.Serial):
     self._factored, self._conv_qkv, self._attention = factored, conv_qkv, attention
     self._fusable = fusable
 
-  def use_decoding_form(self):
-    """Where the fused step will run folded (FOLD_CONV): ConvQKV's decoding
-    form (its kernels side by side) with `_fold`'s weights after them.
-    Otherwise None, and ConvQKV offers its own form (predict mode) or none
-    (see training.sampling.decoding_forms)."""
-    n_modules = self._factored._n_modules  # pylint: disable=protected-access
-    d_module = self._factored._d_out // n_modules  # pylint: disable=protected-access
-    if not (FOLD_CONV and self._fusable and model_lib.fused_decoding_here()
-            and min(n_modules, d_module) >= 16):
-      return None
-    conv_form = self._conv_qkv.use_decoding_form()
-    at = self.sublayers.index(self._conv_qkv)
-    factored_at = _path_to(self, self._factored)
-
-    def form(weights):
-      weights = list(weights)
-      weights[at] = conv_form(weights[at])
-      _, projection, m_bias = sampling.subtree_at(weights, factored_at)
-      (kernel, bias), *rest = weights[at]
-      weights[at] = ((kernel, bias) + _fold(projection, m_bias, kernel), *rest)
-      return tuple(weights)
-    return form
-
   def fused_step(self, x, norm):
-    """x + this(LayerNorm(x)) for one row in three kernels (two where the
-    decoding form holds `_fold`'s weights, FOLD_CONV); None where the layer
-    or the shapes do not fit (see FUSED_DECODING_GPU)."""
+    """x + this(LayerNorm(x)) for one row in three kernels; None where the
+    layer or the shapes do not fit (see FUSED_DECODING_GPU)."""
     if not (FUSED_DECODING_GPU and self._fusable
             and math.prod(x.shape[:-1]) == 1):
       return None
@@ -684,18 +646,12 @@ class _SparseQKVAttention(tl.Serial):
       return None  # (one module: a position-wise product, nothing remembered)
     if not conv._combined:  # pylint: disable=protected-access
       return None  # (needs the kernels side by side: training.sampling.DECODING_FORMS)
-    kernel, conv_bias, *folded = conv.weights[0]
+    kernel, conv_bias = conv.weights[0]
     ring, count = conv._history.state  # pylint: disable=protected-access
     interpret = jax.default_backend() == 'cpu'
-    if folded:
-      out, ring, ks, vs, count, idx = _folded_step(
-          x, norm, gating, *folded, bias, ring, count, kernel, conv_bias, ks,
-          vs, idx, interpret)
-    else:
-      parts = _factored_parts(x, norm, gating, projection, interpret)
-      out, ring, ks, vs, count, idx = _conv_attend(
-          x, parts, bias, ring, count, kernel, conv_bias, ks, vs, idx,
-          interpret)
+    parts = _factored_parts(x, norm, gating, projection, interpret)
+    out, ring, ks, vs, count, idx = _conv_attend(
+        x, parts, bias, ring, count, kernel, conv_bias, ks, vs, idx, interpret)
     conv._history.state = (ring, count)  # pylint: disable=protected-access
     self._attention.state = (ks, vs, idx)
     return out.astype(x.dtype).reshape(x.shape)
@@ -762,17 +718,22 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
   First one program per tap (kernel row and column), Q/K/V part and module h
   multiplies its input row (module h + column - 1 of this position, summed
   from its parts, or of a remembered one) by that tap's (d_module,
-  d_module) block.  Then `_attend`: program h (head h = module h) sums its
-  taps into its q, k and v, updates the caches, the ring and the counters
-  and attends, so no other kernel runs for the step.  (One program per head
-  doing it all read every tap's block in turn: 21 us per layer on an H100
-  in s26.)  Returns (out (heads, d_head) float32, ring, k_cache, v_cache,
-  count + 1, pos + 1).
+  d_module) block.  Then program h (head h = module h) sums its taps into
+  its q, k and v, writes k and v into the caches at `pos` and m[h] into the
+  ring at count % n_past (all aliased in and out), attends over positions
+  0 .. pos and adds x's slice; it also writes count + 1 and pos + 1 (from
+  the copies the first kernel passes on, so XLA can write them in place),
+  so no other kernel runs for the step.  (One program per head doing it
+  all read every tap's block in turn: 21 us per layer on an H100 in s26.)
+  Returns (out (heads, d_head) float32, ring, k_cache, v_cache, count + 1,
+  pos + 1).
   """
   n_modules, d_module = parts.shape[1:]
   n_len, width = kernel.shape[:2]
   n_qkv = kernel.shape[-1] // d_module
   n_past = ring.shape[1]
+  heads, max_len, d_head = k_cache.shape
+  d_model = heads * d_head
   half = (width - 1) // 2
   taps = n_len * width
   count, pos = count.reshape(1), pos.reshape(1)
@@ -827,48 +788,24 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
       **gemv_lib.compiler_params(interpret, KERNEL_WARPS['conv']),
   )(count, pos, parts, m_bias, ring, kernel)
 
-  def sums(h, acc, p_ref, pp_ref, mb_ref):
-    m = _module_row(pp_ref, mb_ref, h, d_module)
-    for j in range(n_qkv):
-      for t in range(taps):
-        acc[j] = acc[j] + p_ref[t, j, pl.ds(h, 1), :][0]
-    return m, acc
-
-  return _attend(x, count, pos, bias, ring, k_cache, v_cache,
-                 (products, parts, m_bias), sums, interpret)
-
-
-def _attend(x, count, pos, bias, ring, k_cache, v_cache, sum_inputs, sums,
-            interpret):
-  """The attention kernel of a fused sparse-QKV step: program h (head h =
-  module h) gets m[h] and its q, k and v (their conv bias plus the products
-  the first kernels wrote) from `sums(h, [bias_j], *sum_input_refs)`,
-  writes k and v into the caches at `pos` and m[h] into the ring at
-  count % n_past (all aliased in and out), attends over positions 0 .. pos
-  and adds x's slice; it also writes count + 1 and pos + 1 (count and pos
-  (1,) as the first kernel passed them on, so XLA can write its own in
-  place).  Returns (out (heads, d_head) float32, ring, k_cache, v_cache,
-  count + 1, pos + 1)."""
-  heads, max_len, d_head = k_cache.shape
-  d_model = heads * d_head
-  n_past = ring.shape[1]
-  n_qkv = bias.shape[0] // d_head
   block_len = decode_attention.default_tiling(max_len)[0]
   scale = d_head ** -0.5
-  whole = gemv_lib.whole_block
 
-  def attend_fn(count_ref, pos_ref, x_ref, b_ref, ring_ref, k_ref, v_ref,
-                *refs):
+  def attend_fn(count_ref, pos_ref, x_ref, p_ref, b_ref, pp_ref, mb_ref,
+                ring_ref, k_ref, v_ref, o_ref, ro_ref, ko_ref, vo_ref,
+                co_ref, po_ref):
     del ring_ref  # aliased to ro_ref: only written
-    *in_refs, o_ref, ro_ref, ko_ref, vo_ref, co_ref, po_ref = refs
     h = pl.program_id(0)
     last = pos_ref[0]
-    # Loads that wait on nothing first: the residual, the ring's new row
-    # and the products.
+    # Loads that wait on nothing first: the ring's new row and the residual.
+    m = _module_row(pp_ref, mb_ref, h, d_module)
     x_h = x_ref[pl.ds(h * d_head, d_head)].astype(jnp.float32)
-    u = [b_ref[pl.ds(j * d_head, d_head)].astype(jnp.float32)
-         for j in range(n_qkv)]
-    m, u = sums(h, u, *in_refs)
+    u = []
+    for j in range(n_qkv):
+      acc = b_ref[pl.ds(j * d_module, d_module)].astype(jnp.float32)
+      for t in range(taps):
+        acc = acc + p_ref[t, j, pl.ds(h, 1), :][0]
+      u.append(acc)
     q, v = u[0], u[-1]
     k = u[1] if n_qkv == 3 else q
     n = jnp.clip((last - 1) // block_len + 1, 0, max_len // block_len)
@@ -885,7 +822,7 @@ def _attend(x, count, pos, bias, ring, k_cache, v_cache, sum_inputs, sums,
     po_ref[...] = pos_ref[...] + 1
 
   cache = pl.BlockSpec((1, max_len, d_head), lambda h: (h, 0, 0))
-  ring_part = pl.BlockSpec((1, n_past, d_head), lambda h: (0, 0, h))
+  ring_part = pl.BlockSpec((1, n_past, d_module), lambda h: (0, 0, h))
   out, ring, k_cache, v_cache, count, pos = pl.pallas_call(
       attend_fn,
       out_shape=(jax.ShapeDtypeStruct((heads, d_head), jnp.float32),
@@ -896,150 +833,16 @@ def _attend(x, count, pos, bias, ring, k_cache, v_cache, sum_inputs, sums,
                  jax.ShapeDtypeStruct((1,), pos.dtype)),
       grid=(heads,),
       in_specs=[whole((1,)), whole((1,)), whole((d_model,)),
-                whole(bias.shape), ring_part, cache, cache]
-               + [whole(a.shape) for a in sum_inputs],
+                whole(products.shape), whole(bias.shape), whole(parts.shape),
+                whole(m_bias.shape), ring_part, cache, cache],
       out_specs=(pl.BlockSpec((1, d_head), lambda h: (h, 0)), ring_part,
                  cache, cache, whole((1,)), whole((1,))),
-      input_output_aliases={4: 1, 5: 2, 6: 3},
+      input_output_aliases={7: 1, 8: 2, 9: 3},
       interpret=interpret,
-      name='sparse_qkv_attend',
       **gemv_lib.compiler_params(interpret, KERNEL_WARPS['attend']),
-  )(count, pos, x.reshape(d_model), bias, ring, k_cache, v_cache, *sum_inputs)
+  )(count, pos, x.reshape(d_model),
+    products, bias, parts, m_bias, ring, k_cache, v_cache)
   return out, ring, k_cache, v_cache, count.reshape(()), pos.reshape(())
-
-
-def _path_to(layer, target):
-  """Indices from layer.weights to target's weights (target a sublayer)."""
-  for i, sub in enumerate(layer.sublayers):
-    if sub is target:
-      return (i,)
-    path = _path_to(sub, target)
-    if path is not None:
-      return (i,) + path
-  return None
-
-
-def _fold(projection, m_bias, kernel):
-  """The folded form's extra weights (see FOLD_CONV): (folded, folded_bias).
-
-  The convolution is linear in m = (LayerNorm(x) * D) @ E + b, so its taps
-  over this position's m are products with E @ W[c] and b @ W[c] (W[c]: the
-  kernel's column c at this position, (d_module, n_qkv * d_module)).
-  folded (1 + width * n_qkv, d_in, d_module): E, then E @ W[c][:, j]
-  at 1 + c * n_qkv + j; folded_bias (width, n_qkv, n_modules, d_module)
-  float32: b's module s @ W[c][:, j].
-  """
-  n_len, width, d_module, out = kernel.shape
-  n_qkv = out // d_module
-  hi = jax.lax.Precision.HIGHEST
-  now = kernel[n_len - 1].astype(jnp.float32).reshape(
-      width, d_module, n_qkv, d_module)
-  e = projection.astype(jnp.float32)
-  taps = jnp.einsum('dm,cmjo->cjdo', e, now, precision=hi)
-  folded = jnp.concatenate(
-      [e[None], taps.reshape(width * n_qkv, *e.shape)])
-  folded_bias = jnp.einsum(
-      'sm,cmjo->cjso', m_bias.astype(jnp.float32).reshape(-1, d_module), now,
-      precision=hi)
-  return folded.astype(projection.dtype), folded_bias
-
-
-def _folded_step(x, norm, gating, folded, folded_bias, m_bias, ring, count,
-                 kernel, bias, k_cache, v_cache, pos, interpret, block=64):
-  """The sparse-QKV attention's decoding step in two kernels (FOLD_CONV).
-
-  Arguments as `_conv_attend`'s, with the FactoredDense's gating D (S,
-  d_in) and `_fold`'s weights.  First, over one axis of programs: for each
-  block k of `block` inputs and each i of folded's first axis, a program
-  takes g = LayerNorm(x)[k] * D[:, k] (S, block) @ folded[i][k] (S,
-  d_module): m's part (i = 0) or this position's taps for every source
-  module (i > 0); then for each remembered position, kernel column and
-  Q/K/V part one program takes the ring's row of every module @ that
-  tap's (d_module, d_module) block.  The attention kernel (`_attend`) sums
-  what head h needs: m[h] for the ring, and for q, k and v the products of
-  modules h + c - 1 (zero outside), folded_bias included.  Returns as
-  `_conv_attend`.
-  """
-  scale, shift, epsilon = norm
-  n_modules, d_in = gating.shape
-  n_i, _, d_module = folded.shape
-  n_len, width = kernel.shape[:2]
-  n_qkv = kernel.shape[-1] // d_module
-  n_past = ring.shape[1]
-  half = (width - 1) // 2
-  block = min(block, d_in)
-  n_blocks = d_in // block
-  n_now = n_blocks * n_i
-  n_then = (n_len - 1) * width * n_qkv
-  count, pos = count.reshape(1), pos.reshape(1)
-  hi = jax.lax.Precision.HIGHEST
-  whole = gemv_lib.whole_block
-
-  def products_fn(count_ref, pos_ref, x_ref, s_ref, t_ref, d_ref, f_ref,
-                  r_ref, w_ref, o_ref, co_ref, po_ref):
-    p = pl.program_id(0)
-
-    @pl.when(p < n_now)
-    def _():
-      k, i = p // n_i, p % n_i
-      part = pl.ds(k * block, block)
-      f = f_ref[i, part, :].astype(jnp.float32)  # loads before the sums
-      d = d_ref[:, part].astype(jnp.float32)
-      g = gemv_lib.layer_norm_in_kernel(x_ref, s_ref, t_ref, epsilon)(part)
-      o_ref[0] = jnp.dot(d * g[None, :], f, precision=hi)
-
-    @pl.when(p >= n_now)
-    def _():
-      q = p - n_now
-      back = 1 + q // (width * n_qkv)
-      c, j = (q // n_qkv) % width, q % n_qkv
-      w = w_ref[n_len - 1 - back, c, :, pl.ds(j * d_module, d_module)]
-      slot = (count_ref[0] - back + n_past) % n_past
-      o_ref[0] = jnp.dot(r_ref[slot].astype(jnp.float32),
-                         w.astype(jnp.float32), precision=hi)
-
-    co_ref[...] = count_ref[...]  # as in _conv_attend's conv_fn
-    po_ref[...] = pos_ref[...]
-
-  ring3 = ring.reshape(n_past, n_modules, d_module)
-  products, count, pos = pl.pallas_call(
-      products_fn,
-      out_shape=(jax.ShapeDtypeStruct((n_now + n_then, n_modules, d_module),
-                                      jnp.float32),
-                 jax.ShapeDtypeStruct((1,), count.dtype),
-                 jax.ShapeDtypeStruct((1,), pos.dtype)),
-      grid=(n_now + n_then,),
-      in_specs=[whole((1,)), whole((1,)), whole((d_in,)), whole((d_in,)),
-                whole((d_in,)), whole(gating.shape), whole(folded.shape),
-                whole(ring3.shape), whole(kernel.shape)],
-      out_specs=(pl.BlockSpec((1, n_modules, d_module), lambda p: (p, 0, 0)),
-                 whole((1,)), whole((1,))),
-      interpret=interpret,
-      name='sparse_qkv_folded',
-      **gemv_lib.compiler_params(interpret, KERNEL_WARPS['factored']),
-  )(count, pos, x.reshape(d_in), scale.reshape(d_in), shift.reshape(d_in),
-    gating, folded, ring3, kernel)
-
-  def sums(h, acc, p_ref, fb_ref, mb_ref):
-    row = lambda r, s: p_ref[r, pl.ds(s, 1), :][0]
-    m = mb_ref[pl.ds(h * d_module, d_module)].astype(jnp.float32)
-    for k in range(n_blocks):
-      m = m + row(k * n_i, h)
-    for c in range(width):
-      src = h + c - half
-      inside = (src >= 0) & (src < n_modules)
-      src = jnp.clip(src, 0, n_modules - 1)
-      for j in range(n_qkv):
-        tap = fb_ref[c, j, pl.ds(src, 1), :][0]
-        for k in range(n_blocks):
-          tap = tap + row(k * n_i + 1 + c * n_qkv + j, src)
-        for back in range(1, n_len):
-          tap = tap + row(n_now + ((back - 1) * width + c) * n_qkv + j, src)
-        acc[j] = acc[j] + jnp.where(inside, tap, 0.0)
-    return m, acc
-
-  return _attend(x, count, pos, bias, ring, k_cache, v_cache,
-                 (products, folded_bias, m_bias), sums, interpret)
 
 
 class DotProductCausalAttention(tl.DotProductCausalAttention):

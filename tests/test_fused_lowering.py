@@ -70,20 +70,9 @@ def test_sparse_ff_kernel_lowers_with_its_controller_in_pieces(monkeypatch):
   assert _triton_calls(monkeypatch, 64, 4, d_ff=384, ff_sparsity=8) == 5
 
 
-@pytest.mark.parametrize('mix,fold,kernels', [
-    (dict(attention_sparsity=16), True, 4),  # folded sparse attention 2; feed-forward 2
-    (dict(attention_sparsity=16, share_qk=True), True, 4),
-    (dict(attention_sparsity=16, ff_sparsity=8), True, 4),
-    (dict(attention_sparsity=16), False, 5),  # three kernels, as by default
-])
-def test_sparse_attention_with_16_modules_lowers_folded(mix, fold, kernels, monkeypatch):
-  """16 modules of 16 (d_model 256), FOLD_CONV on: the Sampler folds the
-  convolution's current taps into the FactoredDense, whose kernel
-  multiplies with Triton's dot, so the attention runs two kernels."""
-  monkeypatch.setattr(sparse_qkv, 'FOLD_CONV', fold)
-  calls = []
-  real = sparse_qkv._folded_step
-  monkeypatch.setattr(sparse_qkv, '_folded_step',
-                      lambda *a: calls.append(1) or real(*a))
-  assert _triton_calls(monkeypatch, 256, 16, **mix) == kernels
-  assert bool(calls) == fold
+@pytest.mark.parametrize('mix', [
+    dict(attention_sparsity=16), dict(attention_sparsity=16, share_qk=True)])
+def test_sparse_attention_with_16_modules_lowers_to_three_kernels(mix, monkeypatch):
+  """16 modules of 16 (d_model 256): the attention's three kernels, the
+  feed-forward's two."""
+  assert _triton_calls(monkeypatch, 256, 16, **mix) == 5

@@ -1,5 +1,4 @@
 """TerraformerLM: every mix of sparse FF / QKV / loss decodes like eval mode and trains."""
-import collections
 import functools
 
 import jax
@@ -410,47 +409,3 @@ def test_fused_sparse_qkv_decoding_gives_eval_logits_and_the_same_samples(
     assert not calls
   for got, sample in zip(_samples(sampler, weights), samples):
     np.testing.assert_array_equal(got, sample)
-
-
-@pytest.mark.parametrize('mix', [
-    dict(attention_sparsity=16), dict(attention_sparsity=16, share_qk=True),
-    dict(attention_sparsity=16, ff_sparsity=8)])
-def test_folded_sparse_qkv_decoding_gives_eval_logits_and_the_same_samples(
-    mix, monkeypatch):
-  """16 modules of 16 (d_model 256): the Sampler's decoding form folds the
-  convolution's current taps into the FactoredDense (sparse_qkv.FOLD_CONV)
-  and one-row steps run the two-kernel form (`_folded_step`, interpreted
-  here; the FactoredDense in four blocks of 64 inputs): the logits equal
-  eval mode's token by token after a prompt of 1 or 4 positions, and the
-  samples equal those of a Sampler without the fusion.  With FOLD_CONV off
-  the three-kernel form runs and agrees too."""
-  from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
-  cfg = {**CFG, 'd_model': 256, 'n_heads': 16, 'd_ff': 128, **mix}
-  eval_model = models.TerraformerLM(mode='eval', **cfg)
-  eval_model.init(shapes.ShapeDtype((1, 10), np.int32), rng=jax.random.PRNGKey(5))
-  weights = _vectors_randomized(eval_model)
-  samples = _samples(sampling.Sampler(models.TerraformerLM(mode='predict', **cfg)),
-                     weights)
-  ids = np.random.RandomState(2).randint(0, CFG['vocab_size'], (1, 10)).astype(np.int32)
-  want = np.asarray(eval_model(ids))
-
-  _fusion_on(monkeypatch)
-  real = {name: getattr(sparse_qkv, name) for name in ('_folded_step', '_conv_attend')}
-  for fold in (True, False):
-    monkeypatch.setattr(sparse_qkv, 'FOLD_CONV', fold)
-    calls = collections.Counter()
-    for name, f in real.items():
-      monkeypatch.setattr(sparse_qkv, name, lambda *a, name=name, f=f:
-                          calls.update([name]) or f(*a))
-    model = models.TerraformerLM(mode='predict', **cfg)
-    sampler = sampling.Sampler(model)
-    prepared = sampler._decoding_weights(weights)
-    for first in (1, 4):
-      np.testing.assert_allclose(
-          _stepped_logits(model, prepared, sampler._initial_state, ids, first),
-          want, atol=2e-5, rtol=2e-5)
-    ran, not_run = ('_folded_step', '_conv_attend')[::1 if fold else -1]
-    assert calls[ran] and not calls[not_run]
-    if fold:
-      for got, sample in zip(_samples(sampler, weights), samples):
-        np.testing.assert_array_equal(got, sample)
