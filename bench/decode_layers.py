@@ -4,6 +4,12 @@ Times each building block of the models in bench/decode_speed.py on its own:
 a `lax.scan` of `--steps` one-token calls with the layer state (caches)
 carried, as the Sampler runs it, so caches update in place.  Shows where a
 token's time goes, e.g. why a sparse layer is not yet at its bandwidth floor.
+Beside each time: the layer's weight bytes and XLA's count of its floating
+point operations for one token (`cost_analysis` of one call), and the rate
+those make at the time measured: on a CPU a layer whose weights stay in the
+caches runs at its arithmetic rate, not at the memory's (kernels XLA cannot
+see into, e.g. Pallas's on a GPU, count no operations).  Weights as the
+Sampler hands them over (transposed kernels, decoding forms).
 
     python bench/decode_layers.py                   # the 800M shape
     JAX_PLATFORMS=cpu python bench/decode_layers.py
@@ -65,6 +71,10 @@ def time_layer(layer, d, dtype):
   marked = sampling.decoding_out_in(layer)  # as the Sampler hands them over
   if marked is not None:
     weights = sampling.transpose_marked(weights, marked)
+  forms = sampling.decoding_forms(layer) if sampling.DECODING_FORMS else []
+  for path, form in forms:  # e.g. ConvQKV's kernels side by side
+    weights = sampling.replace_at(
+        weights, path, form(sampling.subtree_at(weights, path)))
   state = cast_floats(layer.state, dtype)
   x0 = jnp.ones((1, 1, d), dtype or jnp.float32)
   rng = jax.random.PRNGKey(0)
@@ -81,7 +91,11 @@ def time_layer(layer, d, dtype):
   run = jax.jit(run, compiler_options=sampling.decode_compiler_options())
   best, _ = timing.best_time(run, weights, state, x0)
   n_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(weights))
-  return best / FLAGS.steps, n_bytes
+  one = jax.jit(lambda w, s, x: layer.pure_fn(x, w, s, rng),
+                compiler_options=sampling.decode_compiler_options())
+  cost = one.lower(weights, state, x0).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return best / FLAGS.steps, n_bytes, float(cost.get('flops', 0.0))
 
 
 def main(argv):
@@ -91,12 +105,13 @@ def main(argv):
   dtype = None if FLAGS.dtype == 'float32' else jnp.bfloat16
   dev = jax.devices()[0]
   print(f'{dev.platform} {dev.device_kind}, {os.cpu_count()} CPUs, {FLAGS.dtype}')
-  print('| layer | us/token | weight MB |')
-  print('|---|---|---|')
+  print('| layer | us/token | weight MB | MFLOP/token | GFLOP/s |')
+  print('|---|---|---|---|---|')
   for name, layer in layers(FLAGS.d_model, FLAGS.n_heads, FLAGS.max_len,
                             FLAGS.vocab_size).items():
-    seconds, n_bytes = time_layer(layer, FLAGS.d_model, dtype)
-    print(f'| {name} | {seconds * 1e6:.1f} | {n_bytes / 1e6:.1f} |', flush=True)
+    seconds, n_bytes, flops = time_layer(layer, FLAGS.d_model, dtype)
+    print(f'| {name} | {seconds * 1e6:.1f} | {n_bytes / 1e6:.1f} | '
+          f'{flops / 1e6:.2f} | {flops / seconds / 1e9:.1f} |', flush=True)
 
 
 if __name__ == '__main__':
