@@ -68,13 +68,9 @@ def time_layer(layer, d, dtype):
   from training.trainer import cast_floats  # pylint: disable=g-import-not-at-top
   layer.init(shapes.ShapeDtype((1, 1, d), np.float32))
   weights = cast_floats(layer.weights, dtype)
-  marked = sampling.decoding_out_in(layer)  # as the Sampler hands them over
-  if marked is not None:
-    weights = sampling.transpose_marked(weights, marked)
   forms = sampling.decoding_forms(layer) if sampling.DECODING_FORMS else []
-  for path, form in forms:  # e.g. ConvQKV's kernels side by side
-    weights = sampling.replace_at(
-        weights, path, form(sampling.subtree_at(weights, path)))
+  weights = sampling.prepare_for_decoding(  # as the Sampler hands them over
+      weights, sampling.decoding_out_in(layer), forms)
   state = cast_floats(layer.state, dtype)
   x0 = jnp.ones((1, 1, d), dtype or jnp.float32)
   rng = jax.random.PRNGKey(0)

@@ -206,6 +206,23 @@ def transpose_marked(weights, marked):
       treedef, [next(moved) if m else a for a, m in zip(leaves, marked)])
 
 
+def prepare_for_decoding(weights, out_in, forms, make_forms=None):
+  """`weights` as decoding hands them over: the leaves marked in `out_in`
+  (from `out_in_kernels`, or None) transposed and the layers in `forms`
+  (from `decoding_forms`) given their decoding forms.  make_forms:
+  [subtree at each path] -> [its form] (default: each form called in turn;
+  the Sampler passes one jitted call)."""
+  tree = (transpose_marked(weights, out_in)
+          if out_in is not None and any(out_in) else weights)
+  if forms:
+    subtrees = [subtree_at(tree, path) for path, _ in forms]
+    made = (make_forms(subtrees) if make_forms is not None
+            else [form(w) for (_, form), w in zip(forms, subtrees)])
+    for (path, _), new in zip(forms, made):
+      tree = replace_at(tree, path, new)
+  return tree
+
+
 def _weak(leaf):
   """A weak reference to `leaf`, or (for a leaf that takes none) a callable
   that matches nothing."""
@@ -418,20 +435,15 @@ class Sampler:
     return np.asarray(out)
 
   def _decoding_weights(self, weights):
-    """`weights` with the marked kernels transposed (see out_in_kernels) and
-    the marked layers' weights in their decoding forms (see decoding_forms);
-    made once and reused while the same weight arrays come back."""
-    transpose = self._out_in is not None and any(self._out_in)
-    if not transpose and not self._forms:
+    """`prepare_for_decoding` of `weights` with this model's marks, made
+    once and reused while the same weight arrays come back."""
+    if not (self._out_in is not None and any(self._out_in)) and not self._forms:
       return weights
     leaves = jax.tree_util.tree_leaves(weights)
     if self._prepared is not None and all(
         ref() is leaf for ref, leaf in zip(self._prepared[0], leaves)):
       return self._prepared[1]
-    tree = transpose_marked(weights, self._out_in) if transpose else weights
-    if self._forms:
-      made = self._make_forms([subtree_at(tree, path) for path, _ in self._forms])
-      for (path, _), new in zip(self._forms, made):
-        tree = replace_at(tree, path, new)
+    tree = prepare_for_decoding(weights, self._out_in, self._forms,
+                                self._make_forms)
     self._prepared = ([_weak(leaf) for leaf in leaves], tree)
     return tree
