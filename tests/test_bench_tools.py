@@ -1,13 +1,17 @@
-"""The trace reader of bench/decode_profile.py, on traces written here, and
-bench/timing.py's paired timing."""
+"""The trace reader of bench/decode_profile.py, on traces written here,
+bench/timing.py's paired timing, and bench/grid_barrier.py's kernels
+(interpreted)."""
 
 import gzip
 import json
 import os
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from bench import decode_profile
+from bench import grid_barrier
 from bench import timing
 
 
@@ -73,3 +77,17 @@ def test_paired_times_keeps_a_speed_change_between_pairs_out():
   t0, t1, dt = timing.paired_times(run, 4, 20, repeats=3)
   assert calls == [4, 20, 4, 20, 4, 20]
   assert (t0, t1, dt) == (18.0, 30.0, 12.0)
+
+
+def test_grid_barrier_kernels_step_and_count_arrivals_interpreted():
+  """One program (the interpreter runs programs one after another, so a
+  barrier can only be passed alone): both forms add 1 per step, and the
+  barriered one arrives once between each pair of steps, on top of the
+  counter it was given."""
+  x = jnp.arange(8, dtype=jnp.float32).reshape(1, 8)
+  chained = grid_barrier.chained(x, 3, 4, interpret=True)
+  got, counter, polls = grid_barrier.barriered(
+      x, jnp.full((1,), 5, jnp.int32), 3, 4, interpret=True, max_spins=4)
+  np.testing.assert_array_equal(chained, x + 3)
+  np.testing.assert_array_equal(got, x + 3)
+  assert int(counter[0]) == 5 + 2 and int(polls) == 0
