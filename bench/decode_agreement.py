@@ -10,7 +10,8 @@ the unfused path's choices; `training.sampling.Sampler.forced_logits`) and
 prints how far apart their logits are and the unfused path's top-2 margin
 wherever the two argmaxes differ.  Greedy decoding on random weights meets
 near ties, so a difference at a tiny margin with logits a few 1e-6 apart is
-rounding; a large logit difference is a bug.  --fused_on_cpu runs the fused
+rounding; a large logit difference is a bug.  With --dtype=bfloat16 it
+also prints how far each form's logits are from the unfused float32 ones.  --fused_on_cpu runs the fused
 kernels interpreted on a CPU (slow; `training.model.FUSED_ON_CPU`).
 
     python bench/decode_agreement.py --shape=small --batch=1 --n_tokens=150
@@ -101,6 +102,17 @@ def main(argv):
         f'{np.median(diff.max(-1)):.3g}; argmax differs at {int(differs.sum())} '
         f'positions, top-2 margins there {np.round(margin[differs], 5).tolist()[:8]} '
         f'(median margin everywhere {np.median(margin):.3g})')
+  if dtype is not None:
+    # Which of the two is nearer the same model in float32 (unfused)?
+    fusion(False)
+    exact = sampling.Sampler(
+        models.TerraformerLM(mode='predict', max_len=max_len, **kwargs),
+        batch_size=FLAGS.batch).forced_logits(weights, seq)
+    for fused in (False, True):
+      gap = np.abs(logits[fused] - exact)
+      print(f'fused {"on" if fused else "off"} against float32 (unfused): max '
+            f'{gap.max():.3g}, median per position {np.median(gap.max(-1)):.3g}, '
+            f'argmax equal at {np.mean(np.argmax(logits[fused], -1) == np.argmax(exact, -1)):.1%}')
 
 
 if __name__ == '__main__':
