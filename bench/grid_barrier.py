@@ -149,17 +149,16 @@ def main(argv):
                                 FLAGS.interpret, FLAGS.max_spins)
       return x, counter, jnp.maximum(spins, s)
     start = (x, jnp.zeros((1,), jnp.int32), jnp.int32(0))
-    _, (got_bar, counter, spins) = timing.best_time(
+    _, (got_bar, _, spins) = timing.best_time(
         jax.jit(lambda c: run_barriered(c, ())), start, repeats=0)
     if int(spins) >= FLAGS.max_spins:
       print(f'| {g} | | | gave up after {int(spins)} polls | |', flush=True)
       continue
-    t_bar = float('inf')
     loop = jax.jit(lambda c: jax.lax.fori_loop(
         0, iters, lambda i, c: run_barriered(c, ()), c))
-    for _ in range(3):
-      t, (_, counter, s) = timing.best_time(loop, start, repeats=1)
-      t_bar, spins = min(t_bar, t / iters), max(spins, int(s))
+    t_bar, (_, _, more) = timing.best_time(loop, start, repeats=3)
+    t_bar /= iters
+    spins = max(int(spins), int(more))
     agree = bool(np.allclose(got_chain, want) and np.allclose(got_bar, want))
     gave_up = ' (gave up)' if spins >= FLAGS.max_spins else ''
     print(f'| {g} | {1e6 * t_chain / phases:.2f} | {1e6 * t_bar / phases:.2f} '
