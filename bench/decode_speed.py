@@ -139,24 +139,30 @@ def memory_bandwidth(mib):
   return max(copy, matvec), copy, matvec
 
 
-def bytes_per_token(model):
-  """(weight bytes one decoded token reads, key/value-cache bytes it reads)."""
+def bytes_per_token(model, dtype=None):
+  """(weight bytes one decoded token reads, key/value-cache bytes it reads),
+  the float arrays counted in `dtype` (the Sampler's compute_dtype) if given."""
   from trax.layers import attention as tl_attention  # pylint: disable=g-import-not-at-top
   from trax.layers import core as tl_core  # pylint: disable=g-import-not-at-top
   from terraformer import sparse_ff  # pylint: disable=g-import-not-at-top
 
+  def item(a):  # bytes per element as decoding holds the array
+    if dtype is not None and jnp.issubdtype(a.dtype, jnp.floating):
+      return jnp.dtype(dtype).itemsize
+    return a.dtype.itemsize
+
   def weights_bytes(layer):
     if isinstance(layer, (tl_core.Embedding, tl_attention.PositionalEncoding)):
       w = jax.tree_util.tree_leaves(layer.weights)
-      return sum(a.shape[-1] * a.dtype.itemsize for a in w)  # one row
+      return sum(a.shape[-1] * item(a) for a in w)  # one row
     if isinstance(layer, sparse_ff.SparseFF):
       m1, m2, mb, w1, w2, b2 = layer.weights
       d1, _, d_model = w1.shape
-      dense = sum(a.size * a.dtype.itemsize for a in (m1, m2, mb, b2))
-      return dense + d1 * d_model * (w1.dtype.itemsize + w2.dtype.itemsize)
+      dense = sum(a.size * item(a) for a in (m1, m2, mb, b2))
+      return dense + d1 * d_model * (item(w1) + item(w2))
     if layer.sublayers:
       return sum(weights_bytes(s) for s in layer.sublayers)
-    return sum(a.size * a.dtype.itemsize
+    return sum(a.size * item(a)
                for a in jax.tree_util.tree_leaves(layer.weights))
 
   def cache_bytes(layer):
@@ -164,7 +170,7 @@ def bytes_per_token(model):
     state = layer.state
     if (not layer.sublayers and isinstance(state, tuple) and len(state) == 3
         and getattr(state[0], 'ndim', 0) >= 3):  # (keys, values, index)
-      own = state[0].size * state[0].dtype.itemsize * 2
+      own = state[0].size * item(state[0]) * 2
     return own + sum(cache_bytes(s) for s in layer.sublayers)
 
   return weights_bytes(model), cache_bytes(model)
@@ -214,7 +220,7 @@ def ours_timer(kwargs, dtype):
   from training import trainer  # pylint: disable=g-import-not-at-top
   model, sampler, weights = build_ours(kwargs, dtype)
   params = trainer.count_params(model.weights)
-  w_bytes, c_bytes = bytes_per_token(model)
+  w_bytes, c_bytes = bytes_per_token(model, dtype)
   prompt = np.zeros((FLAGS.batch, 1), np.int32)
   n0, n1 = FLAGS.warmup, FLAGS.warmup + FLAGS.tokens
 

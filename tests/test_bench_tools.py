@@ -91,3 +91,20 @@ def test_grid_barrier_kernels_step_and_count_arrivals_interpreted():
   np.testing.assert_array_equal(chained, x + 3)
   np.testing.assert_array_equal(got, x + 3)
   assert int(counter[0]) == 5 + 2 and int(polls) == 0
+
+
+@pytest.mark.parametrize('variant', ['dense', 'sparse_ff_qkv'])
+def test_decode_speed_counts_bytes_in_the_compute_dtype(variant):
+  """The floor of a bfloat16 decoder: every float weight and the caches in
+  2 bytes, half of float32 (a floor counted in float32 said a bf16 model ran
+  below it)."""
+  from bench import decode_speed  # pylint: disable=g-import-not-at-top
+  from terraformer import models  # pylint: disable=g-import-not-at-top
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  model = models.TerraformerLM(mode='predict', max_len=16,
+                               **decode_speed.model_kwargs('tiny', variant))
+  model.init(shapes.ShapeDtype((1, 1), np.int32))
+  f32 = decode_speed.bytes_per_token(model)
+  bf16 = decode_speed.bytes_per_token(model, jnp.bfloat16)
+  assert f32[0] > 0 and f32[1] > 0
+  assert bf16 == (f32[0] // 2, f32[1] // 2)
