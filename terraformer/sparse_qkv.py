@@ -654,7 +654,7 @@ class _SparseQKVAttention(tl.Serial):
         x, parts, bias, ring, count, kernel, conv_bias, ks, vs, idx, interpret)
     conv._history.state = (ring, count)  # pylint: disable=protected-access
     self._attention.state = (ks, vs, idx)
-    return out.astype(x.dtype).reshape(x.shape)
+    return out.reshape(x.shape)
 
 
 def _factored_parts(x, norm, gating, projection, interpret, block=64):
@@ -725,8 +725,8 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
   the copies the first kernel passes on, so XLA can write them in place),
   so no other kernel runs for the step.  (One program per head doing it
   all read every tap's block in turn: 21 us per layer on an H100 in s26.)
-  Returns (out (heads, d_head) float32, ring, k_cache, v_cache, count + 1,
-  pos + 1).
+  Returns (out (heads, d_head) in x's dtype, ring, k_cache, v_cache,
+  count + 1, pos + 1).
   """
   n_modules, d_module = parts.shape[1:]
   n_len, width = kernel.shape[:2]
@@ -813,7 +813,7 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
                                            block_len, scale)
     _, l, acc = decode_attention.attend_one_more(carry, q, k, v, scale)
     out = acc / l + x_h
-    o_ref[...] = out[None, :]
+    o_ref[...] = out[None, :].astype(o_ref.dtype)  # (x's dtype: no XLA convert)
     ko_ref[0, pl.ds(last, 1), :] = k[None, :].astype(ko_ref.dtype)
     vo_ref[0, pl.ds(last, 1), :] = v[None, :].astype(vo_ref.dtype)
     ro_ref[0, pl.ds(count_ref[0] % n_past, 1), :] = (
@@ -825,7 +825,7 @@ def _conv_attend(x, parts, m_bias, ring, count, kernel, bias, k_cache,
   ring_part = pl.BlockSpec((1, n_past, d_module), lambda h: (0, 0, h))
   out, ring, k_cache, v_cache, count, pos = pl.pallas_call(
       attend_fn,
-      out_shape=(jax.ShapeDtypeStruct((heads, d_head), jnp.float32),
+      out_shape=(jax.ShapeDtypeStruct((heads, d_head), x.dtype),
                  jax.ShapeDtypeStruct(ring.shape, ring.dtype),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),

@@ -71,6 +71,20 @@ def test_gemv_out_in_equals_the_product(d_out, d_in, tiling):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+def test_gemv_out_in_bfloat16_is_the_float32_sum_rounded_once():
+  """bf16 kernel and row: the kernel sums in float32 and writes bf16 itself
+  (no convert after it): exactly the float32 result rounded to bf16."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (1, 256)).astype(jnp.bfloat16)
+  w_t = jax.random.normal(jax.random.PRNGKey(4), (64, 256)).astype(jnp.bfloat16)
+  residual = jax.random.normal(jax.random.PRNGKey(5), (64,)).astype(jnp.bfloat16)
+  got = gemv_lib.gemv_out_in(x, w_t, residual=residual, interpret=True)
+  f32 = gemv_lib.gemv_out_in(x.astype(jnp.float32), w_t.astype(jnp.float32),
+                             residual=residual.astype(jnp.float32), interpret=True)
+  assert got.dtype == jnp.bfloat16 and f32.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(f32.astype(jnp.bfloat16), np.float32))
+
+
 @pytest.mark.parametrize('options', [
     dict(norm=True), dict(bias=True, relu=True), dict(bias=True, residual=True),
     dict(norm=True, bias=True, relu=True, residual=True)])

@@ -211,7 +211,7 @@ def _one_query(q, k_cache, v_cache, pos, update, packed_heads, out_shape_q,
     l_ref[...] = jnp.broadcast_to(l, (1, 1))
     if n_splits == 1:  # the whole softmax here: the output itself
       acc = acc / l
-    acc_ref[...] = acc.reshape(1, 1, d_head)
+    acc_ref[...] = acc.reshape(1, 1, d_head).astype(acc_ref.dtype)
 
   params = gemv_lib.compiler_params(interpret, num_warps)
   row = pl.BlockSpec((1, 1, 1, d_head), lambda r, s: (r, 0, 0, 0))
@@ -220,7 +220,10 @@ def _one_query(q, k_cache, v_cache, pos, update, packed_heads, out_shape_q,
             v_cache.reshape(rows, max_len, d_head))
   out_shape = [jax.ShapeDtypeStruct((rows, n_splits), jnp.float32),
                jax.ShapeDtypeStruct((rows, n_splits), jnp.float32),
-               jax.ShapeDtypeStruct((rows, n_splits, d_head), jnp.float32)]
+               # One split writes the output itself, in q's dtype (no XLA
+               # convert after the kernel); several, float32 partial sums.
+               jax.ShapeDtypeStruct((rows, n_splits, d_head),
+                                    q.dtype if n_splits == 1 else jnp.float32)]
   out_specs = [pl.BlockSpec((1, 1), lambda r, s: (r, s)),
                pl.BlockSpec((1, 1), lambda r, s: (r, s)),
                pl.BlockSpec((1, 1, d_head), lambda r, s: (r, s, 0))]

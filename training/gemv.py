@@ -269,16 +269,16 @@ def gemv_out_in(x, w_t, *, bias=None, norm=None, relu=False, residual=None,
       y = jnp.maximum(y, 0.0)
     if residual is not None:
       y = y + refs[0][...].astype(jnp.float32)
-    o_ref[...] = y
+    o_ref[...] = y.astype(o_ref.dtype)  # (no XLA convert after the kernel)
 
   params = compiler_params(interpret, num_warps)
   y = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((d_out,), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((d_out,), out_dtype),
       grid=(d_out // block_n,),
       in_specs=in_specs,
       out_specs=outs(),
       interpret=interpret,
       **params,
   )(*operands)
-  return y.astype(out_dtype).reshape(x.shape[:-1] + (d_out,))
+  return y.reshape(x.shape[:-1] + (d_out,))
