@@ -11,8 +11,9 @@ prints how far apart their logits are and the unfused path's top-2 margin
 wherever the two argmaxes differ.  Greedy decoding on random weights meets
 near ties, so a difference at a tiny margin with logits a few 1e-6 apart is
 rounding; a large logit difference is a bug.  With --dtype=bfloat16 it
-also prints how far each form's logits are from the unfused float32 ones.  --fused_on_cpu runs the fused
-kernels interpreted on a CPU (slow; `training.model.FUSED_ON_CPU`).
+also prints how far each form's logits are from the unfused float32 ones.
+--fused_on_cpu runs the fused kernels interpreted on a CPU (slow;
+`training.model.FUSED_ON_CPU`).
 
     python bench/decode_agreement.py --shape=small --batch=1 --n_tokens=150
     python bench/decode_agreement.py --variant=sparse_ff_qkv --dtype=bfloat16

@@ -133,11 +133,12 @@ def out_in_kernels(model):
 
 def decoding_out_in(model):
   """`out_in_kernels(model)` when decoding hands kernels over transposed
-  (CPU_KERNELS_OUT_IN on a CPU, GPU_KERNELS_OUT_IN elsewhere); None
-  otherwise (nothing marked)."""
+  (CPU_KERNELS_OUT_IN on a CPU, GPU_KERNELS_OUT_IN elsewhere) and some
+  kernel is marked; None otherwise."""
   on_cpu = jax.default_backend() == 'cpu'
   if CPU_KERNELS_OUT_IN if on_cpu else GPU_KERNELS_OUT_IN:
-    return out_in_kernels(model)
+    marked = out_in_kernels(model)
+    return marked if any(marked) else None
   return None
 
 
@@ -208,12 +209,11 @@ def transpose_marked(weights, marked):
 
 def prepare_for_decoding(weights, out_in, forms, make_forms=None):
   """`weights` as decoding hands them over: the leaves marked in `out_in`
-  (from `out_in_kernels`, or None) transposed and the layers in `forms`
+  (from `decoding_out_in`: None for none) transposed and the layers in `forms`
   (from `decoding_forms`) given their decoding forms.  make_forms:
   [subtree at each path] -> [its form] (default: each form called in turn;
   the Sampler passes one jitted call)."""
-  tree = (transpose_marked(weights, out_in)
-          if out_in is not None and any(out_in) else weights)
+  tree = transpose_marked(weights, out_in) if out_in is not None else weights
   if forms:
     subtrees = [subtree_at(tree, path) for path, _ in forms]
     made = (make_forms(subtrees) if make_forms is not None
@@ -437,7 +437,7 @@ class Sampler:
   def _decoding_weights(self, weights):
     """`prepare_for_decoding` of `weights` with this model's marks, made
     once and reused while the same weight arrays come back."""
-    if not (self._out_in is not None and any(self._out_in)) and not self._forms:
+    if self._out_in is None and not self._forms:
       return weights
     leaves = jax.tree_util.tree_leaves(weights)
     if self._prepared is not None and all(
