@@ -37,6 +37,8 @@ flags.DEFINE_bool('sweep', True, 'sweep tilings (else the default only).')
 flags.DEFINE_list('block_len', ['32', '64', '128'], 'block_len values swept.')
 flags.DEFINE_list('splits', ['1', '2', '4', '8'], 'n_splits values swept.')
 flags.DEFINE_list('warps', ['2', '4', '8'], 'num_warps values swept.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                  'dtype of the query and the caches.')
 flags.DEFINE_bool('interpret', False, 'run the Pallas kernel interpreted (a CPU check).')
 
 
@@ -54,13 +56,14 @@ def main(argv):
   print(jax.devices()[0].device_kind, jax.__version__)
   rng = np.random.default_rng(0)
   h, dh = FLAGS.heads, FLAGS.d_head
+  dtype = jnp.dtype(FLAGS.dtype)
   for case in FLAGS.cases:
     max_len, pos = map(int, case.split(':'))
     shape = (1, h, max_len, dh)
-    caches = [(jnp.asarray(rng.standard_normal(shape, np.float32)),
-               jnp.asarray(rng.standard_normal(shape, np.float32)))
+    caches = [(jnp.asarray(rng.standard_normal(shape, np.float32), dtype),
+               jnp.asarray(rng.standard_normal(shape, np.float32), dtype))
               for _ in range(FLAGS.layers)]
-    q = jnp.asarray(rng.standard_normal((1, h, 1, dh), np.float32))
+    q = jnp.asarray(rng.standard_normal((1, h, 1, dh), np.float32), dtype)
     pos = jnp.int32(pos)
     methods = [('xla (whole cache)', model_lib._attend)]  # pylint: disable=protected-access
     tilings = [(None, None, None)]
@@ -83,7 +86,7 @@ def main(argv):
         print(f'{case} {label}: failed: {type(e).__name__}: {str(e)[:300]}')
         continue
       reference = out if reference is None else reference
-      err = float(np.max(np.abs(out - reference)))
+      err = float(np.max(np.abs(np.float32(out) - np.float32(reference))))
       rows.append((label, sec * 1e6, err))
       print(f'{case:10s} {label:28s} {sec * 1e6:8.2f} us  max|diff| {err:.1e}',
             flush=True)

@@ -9,6 +9,7 @@ With --hlo_out it also writes XLA's optimized program of the decoding loop.
 
     python bench/decode_profile.py --variant=dense
     python bench/decode_profile.py --variant=sparse_ff_qkv --top=30
+    python bench/decode_profile.py --variant=dense --dtype=bfloat16
 
 A profiler adds a little time per kernel; use `decode_speed.py` for the
 figures, this for the breakdown.
@@ -68,8 +69,9 @@ def device_events(trace_dir):
 def main(argv):
   del argv
   decode_speed.set_one_row_gemm()
+  dtype = None if FLAGS.dtype == 'float32' else jax.numpy.bfloat16
   _, sampler, weights = decode_speed.build_ours(
-      decode_speed.model_kwargs(FLAGS.shape, FLAGS.variant))
+      decode_speed.model_kwargs(FLAGS.shape, FLAGS.variant), dtype)
   prompt = np.zeros((FLAGS.batch, 1), np.int32)
   n = FLAGS.warmup + FLAGS.tokens
   sampler.generate(weights, prompt, n, temperature=0.0)  # compile

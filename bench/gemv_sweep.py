@@ -9,6 +9,7 @@ matrices stored transposed (d_out, d_in), `training.model.out_in_dot` and
 microseconds per matrix and the bandwidth that implies.
 
     python bench/gemv_sweep.py            # on the GPU machine
+    python bench/gemv_sweep.py --dtype=bfloat16 --noin_out --chains=attn,ff
 """
 import itertools
 import os
@@ -38,6 +39,9 @@ flags.DEFINE_list('split', ['1', '2', '4', '8'], 'split_k values swept.')
 flags.DEFINE_list('out_in_bn', ['4', '8', '16'], 'block_n values swept (out-in kernel).')
 flags.DEFINE_list('out_in_bk', ['256', '512', '1024'], 'block_k values swept (out-in kernel).')
 flags.DEFINE_list('out_in_warps', ['4', '8'], 'num_warps values swept (out-in kernel).')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                  'dtype of the row and the weights (bytes counted in it).')
+flags.DEFINE_bool('in_out', True, 'Also time the (d_in, d_out) methods.')
 flags.DEFINE_bool('interpret', False, 'Run the Pallas kernel interpreted (a CPU check).')
 
 CHAINS = {
@@ -71,13 +75,14 @@ def main(argv):
   print(jax.devices()[0].device_kind, jax.__version__)
   rng = np.random.default_rng(0)
   rows = []
+  dtype = jnp.dtype(FLAGS.dtype)
   for name in FLAGS.chains.split(','):
     shapes = CHAINS[name]
-    pair_bytes = sum(k * n * 4 for k, n in shapes)
+    pair_bytes = sum(k * n * dtype.itemsize for k, n in shapes)
     reps = max(1, FLAGS.mbytes * 2**20 // pair_bytes)
-    ws = [jnp.asarray(rng.standard_normal((k, n), np.float32) / np.sqrt(k))
-          for _ in range(reps) for k, n in shapes]
-    x = jnp.asarray(rng.standard_normal((1, shapes[0][0]), np.float32))
+    ws = [jnp.asarray(rng.standard_normal((k, n), np.float32) / np.sqrt(k),
+                      dtype) for _ in range(reps) for k, n in shapes]
+    x = jnp.asarray(rng.standard_normal((1, shapes[0][0]), np.float32), dtype)
     per_matrix_bytes = pair_bytes / len(shapes)
     methods = [('xla dot', jnp.dot), ('two-row gemm', model_lib.two_row_gemm)]
     if FLAGS.sweep:
@@ -89,7 +94,7 @@ def main(argv):
                             split_k=c[3], interpret=FLAGS.interpret)))
     methods.append(('pallas default', lambda x, w: gemv_lib.gemv(
         x, w, interpret=FLAGS.interpret)))
-    methods = [(label, fn, False) for label, fn in methods]
+    methods = [(label, fn, False) for label, fn in methods if FLAGS.in_out]
     methods.append(('out-in xla dot', model_lib.out_in_dot, True))
     if FLAGS.sweep:
       for bn, bk, warps in itertools.product(*[map(int, v) for v in (
@@ -112,7 +117,7 @@ def main(argv):
         continue
       if reference is None:
         reference = out
-      err = float(np.max(np.abs(out - reference)))
+      err = float(np.max(np.abs(np.float32(out) - np.float32(reference))))
       rows.append((name, label, sec * 1e6, per_matrix_bytes / sec / 1e12, err))
       print(f'{name:5s} {label:36s} {sec*1e6:8.2f} us/matrix '
             f'{per_matrix_bytes/sec/1e12:6.2f} TB/s  max|diff| {err:.2e}',
