@@ -91,6 +91,10 @@ flags.DEFINE_bool('fused_decoding_gpu', None, 'Off a CPU, run the dense decoder\
 flags.DEFINE_bool('fused_sparse_ff_gpu', None, 'Off a CPU, with the fused blocks, run SparseFF\'s decoding step as its per-block kernel (terraformer.sparse_ff.FUSED_DECODING_GPU; default: its value).')
 flags.DEFINE_bool('fused_sparse_qkv_gpu', None, 'Off a CPU, with the fused blocks, run the sparse-QKV attention\'s decoding step as its three kernels (terraformer.sparse_qkv.FUSED_DECODING_GPU; default: its value).')
 flags.DEFINE_bool('gpu_kernels_out_in', True, 'Off a CPU, hand Dense layers their kernels transposed too (training.sampling.GPU_KERNELS_OUT_IN).')
+flags.DEFINE_list('out_in_tiling', [], 'block_n,block_k,num_warps overriding '
+                  'training.gemv.default_tiling_out_in for every out-in '
+                  'kernel (0 keeps that default; block_k at most d_in), to compare '
+                  'tilings in whole models.')
 flags.DEFINE_string('one_row_gpu', '',
                     'Overrides of training.model.ONE_ROW_GPU_FORMS, e.g. '
                     '"ff=gemv,attention=gemv,head=gemv" (training.model.ONE_ROW_FORMS).')
@@ -188,6 +192,21 @@ def set_one_row_gemm():
     model_lib.ONE_ROW_GPU_FORMS[role] = form
 
 
+def set_out_in_tiling(block_n, block_k, num_warps):
+  """Makes training.gemv's default out-in tiling (block_n, block_k,
+  num_warps), each 0 keeping the default, block_k at most d_in."""
+  from training import gemv as gemv_lib  # pylint: disable=g-import-not-at-top
+  default = getattr(gemv_lib, '_default_tiling_out_in_before_bench', None)
+  if default is None:
+    default = gemv_lib.default_tiling_out_in
+    gemv_lib._default_tiling_out_in_before_bench = default  # pylint: disable=protected-access
+
+  def tiling(d_out, d_in):
+    n, k, w = default(d_out, d_in)
+    return block_n or n, min(block_k or k, d_in), num_warps or w
+  gemv_lib.default_tiling_out_in = tiling
+
+
 def build_ours(kwargs, dtype=None):
   """(predict-mode TerraformerLM, its Sampler, its weights on the device)."""
   from terraformer import models  # pylint: disable=g-import-not-at-top
@@ -208,6 +227,8 @@ def build_ours(kwargs, dtype=None):
   if FLAGS.fused_sparse_qkv_gpu is not None:
     from terraformer import sparse_qkv  # pylint: disable=g-import-not-at-top
     sparse_qkv.FUSED_DECODING_GPU = FLAGS.fused_sparse_qkv_gpu
+  if FLAGS.out_in_tiling:
+    set_out_in_tiling(*map(int, FLAGS.out_in_tiling))
   sampler = sampling.Sampler(model, batch_size=FLAGS.batch, compute_dtype=dtype)
   weights = jax.device_put(trainer.cast_floats(model.weights, dtype))
   return model, sampler, weights

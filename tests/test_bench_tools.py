@@ -108,3 +108,21 @@ def test_decode_speed_counts_bytes_in_the_compute_dtype(variant):
   bf16 = decode_speed.bytes_per_token(model, jnp.bfloat16)
   assert f32[0] > 0 and f32[1] > 0
   assert bf16 == (f32[0] // 2, f32[1] // 2)
+
+
+def test_decode_speed_out_in_tiling_override_keeps_unset_fields(monkeypatch):
+  """--out_in_tiling replaces the fields given, keeps the defaults of those
+  left 0, caps block_k at the row's width, and a second override starts
+  from the library's defaults, not the first override."""
+  from bench import decode_speed  # pylint: disable=g-import-not-at-top
+  from training import gemv as gemv_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gemv_lib, 'default_tiling_out_in',
+                      gemv_lib.default_tiling_out_in)
+  monkeypatch.setattr(gemv_lib, '_default_tiling_out_in_before_bench', None,
+                      raising=False)
+  library = gemv_lib.default_tiling_out_in(3072, 1024)
+  decode_speed.set_out_in_tiling(8, 2048, 0)
+  assert gemv_lib.default_tiling_out_in(3072, 1024) == (8, 1024, library[2])
+  assert gemv_lib.default_tiling_out_in(1024, 4096)[:2] == (8, 2048)
+  decode_speed.set_out_in_tiling(0, 0, 4)
+  assert gemv_lib.default_tiling_out_in(3072, 1024) == library[:2] + (4,)
