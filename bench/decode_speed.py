@@ -93,7 +93,8 @@ flags.DEFINE_bool('fused_sparse_qkv_gpu', None, 'Off a CPU, with the fused block
 flags.DEFINE_bool('gpu_kernels_out_in', True, 'Off a CPU, hand Dense layers their kernels transposed too (training.sampling.GPU_KERNELS_OUT_IN).')
 flags.DEFINE_list('out_in_tiling', [], 'block_n,block_k,num_warps overriding '
                   'training.gemv.default_tiling_out_in for every out-in '
-                  'kernel (0 keeps that default; block_k at most d_in), to compare '
+                  'kernel (0 keeps that default; block_k: the largest power '
+                  'of 2 up to it dividing d_in), to compare '
                   'tilings in whole models.')
 flags.DEFINE_string('one_row_gpu', '',
                     'Overrides of training.model.ONE_ROW_GPU_FORMS, e.g. '
@@ -194,7 +195,8 @@ def set_one_row_gemm():
 
 def set_out_in_tiling(block_n, block_k, num_warps):
   """Makes training.gemv's default out-in tiling (block_n, block_k,
-  num_warps), each 0 keeping the default, block_k at most d_in."""
+  num_warps), each 0 keeping the default; block_k the largest power of 2
+  up to the one given that divides the kernel's d_in."""
   from training import gemv as gemv_lib  # pylint: disable=g-import-not-at-top
   default = getattr(gemv_lib, '_default_tiling_out_in_before_bench', None)
   if default is None:
@@ -203,7 +205,10 @@ def set_out_in_tiling(block_n, block_k, num_warps):
 
   def tiling(d_out, d_in):
     n, k, w = default(d_out, d_in)
-    return block_n or n, min(block_k or k, d_in), num_warps or w
+    if block_k:  # the largest power of 2 up to block_k dividing d_in
+      k = max(c for c in (2 ** i for i in range(block_k.bit_length()))
+              if c <= block_k and d_in % c == 0)
+    return block_n or n, k, num_warps or w
   gemv_lib.default_tiling_out_in = tiling
 
 

@@ -37,7 +37,8 @@ flags.DEFINE_list('bk', ['16', '32'], 'block_k values swept.')
 flags.DEFINE_list('warps', ['4'], 'num_warps values swept.')
 flags.DEFINE_list('split', ['1', '2', '4', '8'], 'split_k values swept.')
 flags.DEFINE_list('out_in_bn', ['4', '8', '16'], 'block_n values swept (out-in kernel).')
-flags.DEFINE_list('out_in_bk', ['256', '512', '1024'], 'block_k values swept (out-in kernel).')
+flags.DEFINE_list('out_in_bk', ['256', '512', '1024'], 'block_k values swept '
+                  '(out-in kernel; at most each matrix\'s d_in).')
 flags.DEFINE_list('out_in_warps', ['4', '8'], 'num_warps values swept (out-in kernel).')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                   'dtype of the row and the weights (bytes counted in it).')
@@ -101,7 +102,8 @@ def main(argv):
           FLAGS.out_in_bn, FLAGS.out_in_bk, FLAGS.out_in_warps)]):
         methods.append((f'out-in pallas bn={bn} bk={bk} w={warps}',
                         lambda x, w, c=(bn, bk, warps): gemv_lib.gemv_out_in(
-                            x, w, block_n=c[0], block_k=c[1], num_warps=c[2],
+                            x, w, block_n=c[0], block_k=min(c[1], w.shape[1]),
+                            num_warps=c[2],
                             interpret=FLAGS.interpret), True))
     methods.append(('out-in pallas default', lambda x, w: gemv_lib.gemv_out_in(
         x, w, interpret=FLAGS.interpret), True))

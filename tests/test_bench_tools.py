@@ -112,7 +112,8 @@ def test_decode_speed_counts_bytes_in_the_compute_dtype(variant):
 
 def test_decode_speed_out_in_tiling_override_keeps_unset_fields(monkeypatch):
   """--out_in_tiling replaces the fields given, keeps the defaults of those
-  left 0, caps block_k at the row's width, and a second override starts
+  left 0, takes as block_k the largest power of 2 up to the one given that
+  divides the row's width, and a second override starts
   from the library's defaults, not the first override."""
   from bench import decode_speed  # pylint: disable=g-import-not-at-top
   from training import gemv as gemv_lib  # pylint: disable=g-import-not-at-top
@@ -124,5 +125,8 @@ def test_decode_speed_out_in_tiling_override_keeps_unset_fields(monkeypatch):
   decode_speed.set_out_in_tiling(8, 2048, 0)
   assert gemv_lib.default_tiling_out_in(3072, 1024) == (8, 1024, library[2])
   assert gemv_lib.default_tiling_out_in(1024, 4096)[:2] == (8, 2048)
+  assert gemv_lib.default_tiling_out_in(1024, 6144)[:2] == (8, 2048)
+  decode_speed.set_out_in_tiling(0, 4096, 0)
+  assert gemv_lib.default_tiling_out_in(1024, 6144)[1] == 2048
   decode_speed.set_out_in_tiling(0, 0, 4)
   assert gemv_lib.default_tiling_out_in(3072, 1024) == library[:2] + (4,)
