@@ -54,8 +54,7 @@ def main(argv):
   from training import model as model_lib  # pylint: disable=g-import-not-at-top
   from training import sampling  # pylint: disable=g-import-not-at-top
   from trax import shapes  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  dtype = None if FLAGS.dtype == 'float32' else jnp.bfloat16  # decode_speed's --dtype
+  dtype = decode_speed.compute_dtype()
   print(jax.devices()[0].device_kind, jax.__version__)
   model_lib.FUSED_ON_CPU = FLAGS.fused_on_cpu
   kwargs = decode_speed.model_kwargs(FLAGS.shape, FLAGS.variant)

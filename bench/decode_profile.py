@@ -69,9 +69,9 @@ def device_events(trace_dir):
 def main(argv):
   del argv
   decode_speed.set_one_row_gemm()
-  dtype = None if FLAGS.dtype == 'float32' else jax.numpy.bfloat16
   _, sampler, weights = decode_speed.build_ours(
-      decode_speed.model_kwargs(FLAGS.shape, FLAGS.variant), dtype)
+      decode_speed.model_kwargs(FLAGS.shape, FLAGS.variant),
+      decode_speed.compute_dtype())
   prompt = np.zeros((FLAGS.batch, 1), np.int32)
   n = FLAGS.warmup + FLAGS.tokens
   sampler.generate(weights, prompt, n, temperature=0.0)  # compile

@@ -193,22 +193,26 @@ def set_one_row_gemm():
     model_lib.ONE_ROW_GPU_FORMS[role] = form
 
 
+def compute_dtype():
+  """The Sampler's compute_dtype that --dtype names (None: float32)."""
+  return None if FLAGS.dtype == 'float32' else jnp.bfloat16
+
+
 def set_out_in_tiling(block_n, block_k, num_warps):
   """Makes training.gemv's default out-in tiling (block_n, block_k,
   num_warps), each 0 keeping the default; block_k the largest power of 2
   up to the one given that divides the kernel's d_in."""
   from training import gemv as gemv_lib  # pylint: disable=g-import-not-at-top
-  default = getattr(gemv_lib, '_default_tiling_out_in_before_bench', None)
-  if default is None:
-    default = gemv_lib.default_tiling_out_in
-    gemv_lib._default_tiling_out_in_before_bench = default  # pylint: disable=protected-access
+  library = gemv_lib.default_tiling_out_in
+  library = getattr(library, 'library', library)  # not an earlier override
+  powers = [2 ** i for i in reversed(range(block_k.bit_length()))]
 
   def tiling(d_out, d_in):
-    n, k, w = default(d_out, d_in)
-    if block_k:  # the largest power of 2 up to block_k dividing d_in
-      k = max(c for c in (2 ** i for i in range(block_k.bit_length()))
-              if c <= block_k and d_in % c == 0)
+    n, k, w = library(d_out, d_in)
+    if block_k:
+      k = gemv_lib._largest_divisor(d_in, powers)  # pylint: disable=protected-access
     return block_n or n, k, num_warps or w
+  tiling.library = library
   gemv_lib.default_tiling_out_in = tiling
 
 
@@ -315,7 +319,7 @@ def main(argv):
         f'trax decodes --warmup + --rounds * (--tokens + 1) = '
         f'{FLAGS.warmup + FLAGS.rounds * (FLAGS.tokens + 1)} tokens in one '
         f'stream, more than --max_len ({FLAGS.max_len}); lower one of them.')
-  dtype = None if FLAGS.dtype == 'float32' else jnp.bfloat16
+  dtype = compute_dtype()
   set_one_row_gemm()
   device = jax.devices()[0]
   bw, copy_bw, matvec_bw = memory_bandwidth(FLAGS.bandwidth_mib)

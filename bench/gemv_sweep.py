@@ -67,8 +67,8 @@ def _chain_fn(matmul, out_in=False):
 
 
 def _time(matmul, ws, x, iters, out_in=False):
-  sec, out = timing.loop_time(_chain_fn(matmul, out_in), x, ws, iters)
-  return sec / len(ws), out
+  sec, _ = timing.loop_time(_chain_fn(matmul, out_in), x, ws, iters)
+  return sec / len(ws)
 
 
 def main(argv):
@@ -117,7 +117,7 @@ def main(argv):
         ws_t = [jnp.asarray(w.T) for w in ws]
       chain = ws_t if out_in else ws
       try:
-        sec, _ = _time(fn, chain, x, FLAGS.iters, out_in)
+        sec = _time(fn, chain, x, FLAGS.iters, out_in)
         first = np.float64(jax.jit(fn)(x, chain[0]))
       except Exception as e:  # pylint: disable=broad-except
         print(f'{name} {label}: failed: {type(e).__name__}: {str(e)[:200]}')

@@ -119,8 +119,6 @@ def test_decode_speed_out_in_tiling_override_keeps_unset_fields(monkeypatch):
   from training import gemv as gemv_lib  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gemv_lib, 'default_tiling_out_in',
                       gemv_lib.default_tiling_out_in)
-  monkeypatch.setattr(gemv_lib, '_default_tiling_out_in_before_bench', None,
-                      raising=False)
   library = gemv_lib.default_tiling_out_in(3072, 1024)
   decode_speed.set_out_in_tiling(8, 2048, 0)
   assert gemv_lib.default_tiling_out_in(3072, 1024) == (8, 1024, library[2])
